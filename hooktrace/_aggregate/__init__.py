@@ -1,0 +1,1 @@
+"""The worker side: turns recorded steps into aggregates, snapshots and exporter calls."""

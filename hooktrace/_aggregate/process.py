@@ -1,0 +1,142 @@
+"""StepBuffer -> StepRecord, on the worker thread."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+from hooktrace._aggregate.step_record import ModuleSpan, StepEvent, StepRecord
+from hooktrace._aggregate.timeline import module_intervals, phase_durations, phase_intervals
+from hooktrace._record.buffer import M_BWD_END, StepBuffer
+from hooktrace._record.module_table import ModuleTable
+from hooktrace.health.monitor import GradHealth, Verdict, locate_nonfinite, resolve_pairs
+from hooktrace.health.norms import GradNormCapture, resolve_norms
+
+
+class StepProcessor:
+    """Resolves a step's stamps and norms and builds its record. Worker thread only."""
+
+    def __init__(
+        self,
+        *,
+        table: ModuleTable,
+        capture: GradNormCapture,
+        health: GradHealth,
+        rank: int,
+        wall_offset_ns: int,
+        trace_id: Callable[[int], str] | None = None,
+    ) -> None:
+        self.table = table
+        self.capture = capture
+        self.health = health
+        self.rank = rank
+        self.wall_offset_ns = wall_offset_ns
+        self.trace_id = trace_id
+
+    def process(self, buf: StepBuffer) -> StepRecord:
+        start = buf.start_ns or (buf.marks[0][1] if buf.marks else buf.end_ns)
+        end = max(buf.end_ns, start)
+        record = StepRecord(
+            step=buf.number,
+            rank=self.rank,
+            sampled=buf.sampled,
+            start_ns=start,
+            end_ns=end,
+            wall_start_ns=start + self.wall_offset_ns,
+            phases=phase_durations(start, end, buf.marks),
+            phase_spans=phase_intervals(start, end, buf.marks),
+            micro_batches=buf.micro_batches,
+            optimizer_steps=buf.optimizer_steps,
+            eval_calls=buf.eval_calls,
+            skipped=buf.skipped,
+            overhead_s=buf.overhead_ns / 1e9,
+        )
+        if buf.sampled and self.trace_id is not None:
+            record.trace_id = self.trace_id(buf.number)
+        if buf.events:
+            record.spans = self._spans(buf)
+        self._gradients(buf, record)
+        if buf.skipped:
+            record.events.append(StepEvent("amp_skip", "__total__", "optimizer"))
+        return record
+
+    def _spans(self, buf: StepBuffer) -> list[ModuleSpan]:
+        clock = buf.clock
+        stamps = [event[3] for event in buf.events]
+        if clock is None or buf.anchor is None:
+            resolved = stamps
+        else:
+            resolved = clock.resolve(stamps, buf.anchor)
+            clock.release(stamps)
+        events = [(k, i, c, t) for (k, i, c, _), t in zip(buf.events, resolved, strict=True)]
+        backward_ends = sorted(t for m, t in buf.marks if m == M_BWD_END)
+        infos = self.table.infos
+        parents = [info.parent for info in infos]
+        spans: list[ModuleSpan] = []
+        for iv in module_intervals(events, backward_ends, parents):
+            info = infos[iv.index]
+            spans.append(
+                ModuleSpan(
+                    index=iv.index,
+                    module=info.display,
+                    label=info.label,
+                    module_type=info.type_name,
+                    phase=iv.phase,
+                    start_ns=iv.start,
+                    end_ns=iv.end,
+                    self_ns=iv.self_ns,
+                    depth=iv.depth,
+                    parent=info.parent,
+                )
+            )
+        return spans
+
+    def _gradients(self, buf: StepBuffer, record: StepRecord) -> None:
+        params = self.capture.params()
+        verdict: Verdict | None = buf.health
+        if verdict is None:
+            values = resolve_norms(buf.grad_norms, buf.grad_ready)
+            if not values:
+                return
+            verdict = self.health.evaluate(params, buf.grad_present, values, detail=buf.sampled, per_param=False)
+        record.grad_norm = verdict.total
+        record.grad_norm_ratio = verdict.ratio
+        record.module_grad_norms = verdict.module_norms
+        record.param_grad_norms = verdict.param_norms
+        infos = self.table.infos
+        flow: dict[str, float] = {}
+        for index, value in resolve_pairs(buf.output_grad_norms):
+            if math.isfinite(value):
+                label = infos[index].label
+                flow[label] = max(flow.get(label, 0.0), value)
+        record.output_grad_norms = flow
+        for label, (norm, ratio) in verdict.spike_modules.items():
+            record.events.append(
+                StepEvent("grad_spike", label, "backward", norm, {"ratio": round(ratio, 3)})
+            )
+        for pos, (before, after) in verdict.clipped.items():
+            ref = params[pos]
+            record.events.append(
+                StepEvent("grad_clip", infos[ref.module].label, "optimizer", before,
+                          {"param": ref.name, "clipped_to": after})
+            )
+        if verdict.nonfinite:
+            where = locate_nonfinite(
+                resolve_pairs(buf.output_norms),
+                resolve_pairs(buf.input_grad_norms),
+                resolve_pairs(buf.output_grad_norms),
+                verdict.nonfinite_params,
+                params,
+            )
+            if where is not None:
+                module, phase = infos[where[0]].display, where[1]
+                label = infos[where[0]].label
+            else:
+                first = params[verdict.nonfinite_params[0]] if verdict.nonfinite_params else None
+                module = infos[first.module].display if first else "__total__"
+                label = infos[first.module].label if first else "__total__"
+                phase = "unknown"
+            record.events.append(StepEvent("nonfinite", label, phase, None, {"first_module": module}))
+
+

@@ -1,0 +1,212 @@
+"""Running aggregates of one rank: the source of metrics snapshots and of the run summary.
+
+Bounded over any number of steps: totals per (module, phase), fixed histograms, a ring of recent
+step times for medians, and at most ``MAX_EVENTS`` kept events (the rest only counted).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from hooktrace._aggregate.snapshot import (
+    MODULE_TYPE_BUCKETS,
+    PHASES,
+    STEP_BUCKETS,
+    Histogram,
+    MetricsSnapshot,
+    RankInfo,
+)
+from hooktrace._aggregate.step_record import StepEvent, StepRecord
+
+MAX_EVENTS = 1000
+RECENT_STEPS = 4096
+
+
+@dataclass(slots=True)
+class ModuleTotals:
+    """Time of one module in one phase, summed over sampled steps."""
+
+    module: str
+    label: str
+    module_type: str
+    phase: str
+    total_ns: int = 0
+    self_ns: int = 0
+    calls: int = 0
+    steps: int = 0
+
+
+@dataclass(slots=True)
+class RankStats:
+    """Everything the summary and the metrics need, updated once per step on the worker."""
+
+    info: RankInfo
+    steps: int = 0
+    sampled_steps: int = 0
+    micro_batches: int = 0
+    step_hist: Histogram = field(default_factory=lambda: Histogram(STEP_BUCKETS))
+    phase_hist: dict[str, Histogram] = field(default_factory=dict)
+    phase_totals: dict[str, float] = field(default_factory=dict)
+    recent_steps: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_STEPS))
+    recent_phases: dict[str, deque[float]] = field(default_factory=dict)
+    modules: dict[tuple[int, str], ModuleTotals] = field(default_factory=dict)
+    module_label_sums: dict[tuple[str, str], list[float]] = field(default_factory=dict)
+    type_hist: dict[tuple[str, str], Histogram] = field(default_factory=dict)
+    grad_norms: dict[str, float] = field(default_factory=dict)
+    grad_norm_ratio: float | None = None
+    last_grad_norm: float | None = None
+    counters: Counter[str] = field(default_factory=Counter)
+    nonfinite_events: Counter[tuple[str, str]] = field(default_factory=Counter)
+    grad_clips: Counter[str] = field(default_factory=Counter)
+    dropped: Counter[str] = field(default_factory=Counter)
+    export_errors: Counter[str] = field(default_factory=Counter)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    event_counts: Counter[str] = field(default_factory=Counter)
+    hook_errors: int = 0
+    overhead_s: float = 0.0
+    train_time_s: float = 0.0
+    module_labels: int = 0
+    modules_truncated: int = 0
+
+    def __post_init__(self) -> None:
+        for phase in PHASES:
+            self.phase_hist[phase] = Histogram(STEP_BUCKETS)
+
+    def add(self, record: StepRecord) -> None:
+        """Fold one step in."""
+        self.steps += 1
+        self.micro_batches += record.micro_batches
+        duration = record.duration_s
+        self.train_time_s += duration
+        self.overhead_s += record.overhead_s
+        self.step_hist.observe(duration, record.trace_id)
+        self.recent_steps.append(duration)
+        for phase, seconds in record.phases.items():
+            hist = self.phase_hist.get(phase)
+            if hist is not None:
+                hist.observe(seconds, record.trace_id)
+            self.phase_totals[phase] = self.phase_totals.get(phase, 0.0) + seconds
+            self.recent_phases.setdefault(phase, deque(maxlen=RECENT_STEPS)).append(seconds)
+        if record.spans:
+            self.sampled_steps += 1
+            self._add_spans(record)
+        if record.grad_norm is not None:
+            self.last_grad_norm = record.grad_norm
+        self.grad_norms.update(record.module_grad_norms)
+        if record.grad_norm is not None:
+            self.grad_norms["__total__"] = record.grad_norm
+        if record.grad_norm_ratio is not None:
+            self.grad_norm_ratio = record.grad_norm_ratio
+        kinds = {event.kind for event in record.events}
+        if "grad_spike" in kinds:
+            self.counters["grad_spike_steps"] += 1
+        if "nonfinite" in kinds:
+            self.counters["nonfinite_grad_steps"] += 1
+        if "amp_skip" in kinds:
+            self.counters["amp_skipped_steps"] += 1
+        for event in record.events:
+            self._add_event(record.step, event)
+
+    def _add_spans(self, record: StepRecord) -> None:
+        seen: set[tuple[int, str]] = set()
+        for span in record.spans:
+            key = (span.index, span.phase)
+            totals = self.modules.get(key)
+            if totals is None:
+                totals = self.modules[key] = ModuleTotals(span.module, span.label, span.module_type, span.phase)
+            inclusive = span.end_ns - span.start_ns
+            totals.total_ns += inclusive
+            totals.self_ns += span.self_ns
+            totals.calls += 1
+            if key not in seen:
+                totals.steps += 1
+                seen.add(key)
+            sums = self.module_label_sums.setdefault((span.label, span.phase), [0.0, 0])
+            sums[0] += inclusive / 1e9
+            sums[1] += 1
+            hist = self.type_hist.get((span.module_type, span.phase))
+            if hist is None:
+                hist = self.type_hist[(span.module_type, span.phase)] = Histogram(MODULE_TYPE_BUCKETS)
+            hist.observe(inclusive / 1e9)
+
+    def _add_event(self, step: int, event: StepEvent) -> None:
+        self.event_counts[event.kind] += 1
+        if event.kind == "nonfinite":
+            self.nonfinite_events[(event.module, event.phase)] += 1
+        elif event.kind == "grad_clip":
+            self.grad_clips[event.module] += 1
+        if len(self.events) < MAX_EVENTS:
+            self.events.append({"step": step, "rank": self.info.rank, **event.as_json()})
+        else:
+            self.dropped["events"] += 1
+
+    def snapshot(self) -> MetricsSnapshot:
+        """An immutable copy for exporters (swapped in after each step)."""
+        return MetricsSnapshot(
+            info=self.info,
+            steps_total=self.steps,
+            step_duration=self.step_hist.copy(),
+            phase_duration={phase: hist.copy() for phase, hist in self.phase_hist.items()},
+            module_duration={key: (value[0], int(value[1])) for key, value in self.module_label_sums.items()},
+            module_type_duration={key: hist.copy() for key, hist in self.type_hist.items()},
+            grad_norm=dict(self.grad_norms),
+            grad_norm_ratio=self.grad_norm_ratio,
+            grad_spike_steps_total=self.counters["grad_spike_steps"],
+            nonfinite_grad_steps_total=self.counters["nonfinite_grad_steps"],
+            nonfinite_events=dict(self.nonfinite_events),
+            grad_clips=dict(self.grad_clips),
+            amp_skipped_steps_total=self.counters["amp_skipped_steps"],
+            dropped=dict(self.dropped),
+            hook_errors_total=self.hook_errors,
+            export_errors=dict(self.export_errors),
+            overhead_seconds_total=self.overhead_s,
+            module_labels=self.module_labels,
+            modules_truncated=self.modules_truncated,
+        )
+
+    def rank_summary(self) -> dict[str, Any]:
+        """This rank's entry of ``summary.json``."""
+        phases = {
+            phase: statistics.median(values) for phase, values in self.recent_phases.items() if values
+        }
+        return {
+            "rank": self.info.rank,
+            "local_rank": self.info.local_rank,
+            "node": self.info.node,
+            "device": self.info.device,
+            "steps": self.steps,
+            "sampled_steps": self.sampled_steps,
+            "micro_batches": self.micro_batches,
+            "step_time_s": statistics.median(self.recent_steps) if self.recent_steps else None,
+            "phases": phases,
+            "phase_totals_s": dict(self.phase_totals),
+            "grad_norm": self.last_grad_norm,
+            "overhead_ratio": self.overhead_s / self.train_time_s if self.train_time_s > 0 else 0.0,
+            "hook_errors": self.hook_errors,
+            "dropped": dict(self.dropped),
+            "event_counts": dict(self.event_counts),
+        }
+
+    def module_rows(self) -> list[dict[str, Any]]:
+        """Per module and phase: totals over sampled steps (summary ``modules``)."""
+        rows = []
+        for (_, phase), totals in self.modules.items():
+            rows.append(
+                {
+                    "module": totals.module,
+                    "module_type": totals.module_type,
+                    "phase": phase,
+                    "total_s": totals.total_ns / 1e9,
+                    "self_s": totals.self_ns / 1e9,
+                    "calls": totals.calls,
+                    "steps": totals.steps,
+                    "per_step_s": totals.total_ns / 1e9 / max(totals.steps, 1),
+                    "self_per_step_s": totals.self_ns / 1e9 / max(totals.steps, 1),
+                    "rank": self.info.rank,
+                }
+            )
+        rows.sort(key=lambda row: row["total_s"], reverse=True)
+        return rows

@@ -1,0 +1,108 @@
+"""One aggregated optimizer step: what every exporter consumes.
+
+Built on the worker thread from a :class:`StepBuffer`: stamps resolved to host nanoseconds, marks
+turned into phases, module events into nested intervals, gradient norms into a health verdict.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(slots=True)
+class ModuleSpan:
+    """One call of one module in one phase (sampled steps), on the host monotonic clock."""
+
+    index: int
+    module: str
+    """Display name (``named_modules`` name, wrapper prefixes removed)."""
+    label: str
+    """Metric label (cut to --depth, or ``__other__``)."""
+    module_type: str
+    phase: str
+    """forward, backward, eval or recompute."""
+    start_ns: int
+    end_ns: int
+    self_ns: int
+    depth: int
+    parent: int
+    """Module index of the parent module (-1 for a root)."""
+
+
+@dataclass(slots=True)
+class StepEvent:
+    """A health or agent event of a step (steps.jsonl ``events``, span events, counters)."""
+
+    kind: str
+    """grad_spike, nonfinite, grad_clip, amp_skip, hook_error."""
+    module: str
+    phase: str
+    value: float | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind, "module": self.module, "phase": self.phase, "value": self.value}
+        out.update(self.detail)
+        return out
+
+
+@dataclass(slots=True)
+class StepRecord:
+    """Everything known about one step of one rank."""
+
+    step: int
+    rank: int
+    sampled: bool
+    start_ns: int
+    end_ns: int
+    wall_start_ns: int
+    """``start_ns`` on the wall clock (ns since the epoch), for spans and trace files."""
+    phases: dict[str, float]
+    phase_spans: list[tuple[str, int, int]]
+    """``(phase, start_ns, end_ns)`` on the host monotonic clock, covering the step."""
+    micro_batches: int
+    optimizer_steps: int
+    eval_calls: int = 0
+    skipped: bool = False
+    grad_norm: float | None = None
+    grad_norm_ratio: float | None = None
+    module_grad_norms: dict[str, float] = field(default_factory=dict)
+    param_grad_norms: dict[str, float] = field(default_factory=dict)
+    output_grad_norms: dict[str, float] = field(default_factory=dict)
+    """Sampled steps: ‖grad_output‖ per module label (largest over calls): the gradient flow."""
+    spans: list[ModuleSpan] = field(default_factory=list)
+    events: list[StepEvent] = field(default_factory=list)
+    trace_id: str | None = None
+    hook_errors: int = 0
+    overhead_s: float = 0.0
+
+    @property
+    def duration_s(self) -> float:
+        return max(0, self.end_ns - self.start_ns) / 1e9
+
+    def as_json(self) -> dict[str, Any]:
+        """The steps.jsonl object of DESIGN §7."""
+        out: dict[str, Any] = {
+            "step": self.step,
+            "rank": self.rank,
+            "duration_s": round(self.duration_s, 9),
+            "phases": {k: round(v, 9) for k, v in self.phases.items()},
+            "grad_norm": self.grad_norm,
+            "grad_norm_ratio": self.grad_norm_ratio,
+            "micro_batches": self.micro_batches,
+            "optimizer_steps": self.optimizer_steps,
+            "sampled": self.sampled,
+            "events": [event.as_json() for event in self.events],
+        }
+        if self.module_grad_norms:
+            out["module_grad_norms"] = self.module_grad_norms
+        if self.param_grad_norms:
+            out["param_grad_norms"] = self.param_grad_norms
+        if self.output_grad_norms:
+            out["output_grad_norms"] = self.output_grad_norms
+        if self.skipped:
+            out["skipped"] = True
+        if self.trace_id:
+            out["trace_id"] = self.trace_id
+        return out

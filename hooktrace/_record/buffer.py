@@ -1,0 +1,79 @@
+"""The per-step buffer the hooks append to, and the raw step handed to the worker.
+
+Hooks only append tuples to ``events`` and ``marks``; the tracker swaps in a fresh buffer at each
+step boundary and queues the old one. Nothing here is shared with the worker until it is queued.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+# Module events: (kind, module index, call number, stamp). Stamps come from the step's clock.
+FWD_TRAIN = 0
+"""Forward pre-hook of a call with grad enabled (a training forward)."""
+FWD_EVAL = 1
+"""Forward pre-hook of a call under ``torch.no_grad``/``inference_mode`` (kept apart from training)."""
+FWD_RECOMPUTE = 2
+"""Forward pre-hook while autograd runs a backward: activation-checkpoint recompute."""
+FWD_END = 3
+"""Forward post-hook (``always_call=True``: also when forward raised)."""
+BWD_START = 4
+"""Gradient w.r.t. a module output arrived: the module's backward begins."""
+BWD_END = 5
+"""Gradient w.r.t. a module input is complete: the module's backward is done."""
+
+FORWARD_KIND_PHASE = {FWD_TRAIN: "forward", FWD_EVAL: "eval", FWD_RECOMPUTE: "recompute"}
+
+# Step marks: (mark, perf_counter_ns), recorded every step.
+M_FWD = 0
+M_EVAL = 1
+M_EVAL_END = 2
+M_BWD = 3
+M_BWD_END = 4
+M_OPT = 5
+M_OPT_END = 6
+
+MAX_EVENTS_PER_STEP = 1_000_000
+"""Beyond this many module events in one step, events are dropped and counted."""
+
+
+@dataclass(slots=True)
+class StepBuffer:
+    """What the training thread recorded during one optimizer step."""
+
+    number: int
+    sampled: bool
+    start_ns: int
+    events: list[tuple[int, int, int, Any]] = field(default_factory=list)
+    marks: list[tuple[int, int]] = field(default_factory=list)
+    calls: dict[int, int] = field(default_factory=dict)
+    anchor: tuple[Any, int] | None = None
+    clock: Any = None
+    """The clock that made this step's stamps (resolves them on the worker)."""
+    micro_batches: int = 0
+    optimizer_steps: int = 0
+    backward_passes: int = 0
+    eval_calls: int = 0
+    end_ns: int = 0
+    skipped: bool = False
+    """Backward ran but no optimizer stepped (e.g. GradScaler found inf); closed at the next forward."""
+    grad_norms: Any = None
+    """Stacked per-parameter norms (a tensor, possibly still being copied from the device)."""
+    grad_ready: Any = None
+    """CUDA event recorded after the device-to-host copy of ``grad_norms``; None on CPU."""
+    health: Any = None
+    """Synchronous health verdict (clip/raise modes), computed at the optimizer pre-hook."""
+    overhead_ns: int = 0
+    """Measured time in hooktrace's heavier training-thread work (registration, norms, close)."""
+    hook_calls: int = 0
+    """Module hook invocations (events) of this step, for the overhead estimate."""
+    dropped_events: int = 0
+    output_grad_norms: list[tuple[int, Any]] = field(default_factory=list)
+    """Sampled steps: ‖grad_output‖ per module call, in backward order (0-dim device tensors)."""
+    input_grad_norms: list[tuple[int, Any]] = field(default_factory=list)
+    """Sampled steps: ‖grad_input‖ per module call, in backward order."""
+    output_norms: list[tuple[int, Any]] = field(default_factory=list)
+    """Sampled steps: ‖output‖ per module call, in forward completion order (finiteness check)."""
+    grad_present: list[int] = field(default_factory=list)
+    """Positions (in the parameter list) of the parameters whose norms are in ``grad_norms``."""

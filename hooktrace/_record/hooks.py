@@ -1,0 +1,158 @@
+"""Per-module hooks: the hot path.
+
+A hook body is one clock read, a few list appends and ``return None``; any exception is caught
+and counted by the recorder. Forward pre/post hooks exist for every module; backward timing uses
+tensor hooks made in the forward hooks (``auto``: input tensors' hooks fire when the module's
+backward is done, output tensors' hooks when it starts) or full backward hooks (``full``) on
+modules that passed the preflight. Hooks are registered on sampled steps only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from hooktrace._record.buffer import (
+    BWD_END,
+    BWD_START,
+    FWD_END,
+    FWD_EVAL,
+    FWD_RECOMPUTE,
+    FWD_TRAIN,
+    MAX_EVENTS_PER_STEP,
+)
+
+if TYPE_CHECKING:
+    from hooktrace._record.recorder import Recorder
+
+_grad_enabled = torch.is_grad_enabled
+_graph_task_id = torch._C._current_graph_task_id
+_Tensor = torch.Tensor
+_vector_norm = torch.linalg.vector_norm
+_float32 = torch.float32
+
+
+def iter_tensors(value: Any) -> Iterator[torch.Tensor]:
+    """Tensors of a module output: the value itself, or one level of tuple/list/dict."""
+    if isinstance(value, _Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            if isinstance(item, _Tensor):
+                yield item
+    elif isinstance(value, dict):
+        for item in value.values():
+            if isinstance(item, _Tensor):
+                yield item
+
+
+def make_forward_hooks(rec: Recorder, index: int, tensor_backward: bool) -> tuple[Callable[..., None], ...]:
+    """Forward pre/post hooks of module ``index``; with ``tensor_backward`` they also set the
+    tensor hooks that time the module's backward."""
+    on_backward = rec.on_backward
+
+    def forward_pre(module: nn.Module, args: tuple[Any, ...]) -> None:
+        if rec.skip():
+            return None
+        try:
+            buf = rec.buf
+            events = buf.events
+            if len(events) >= MAX_EVENTS_PER_STEP:
+                buf.dropped_events += 1
+                return None
+            calls = buf.calls
+            call = calls.get(index, 0)
+            calls[index] = call + 1
+            if not _grad_enabled():
+                kind = FWD_EVAL
+            elif _graph_task_id() != -1:
+                kind = FWD_RECOMPUTE
+            else:
+                kind = FWD_TRAIN
+                if tensor_backward:
+                    # Registered before forward runs, so an in-place op inside the module
+                    # (ReLU(inplace=True)) cannot move the hook to the module's own output.
+                    for arg in args:
+                        if isinstance(arg, _Tensor) and arg.requires_grad:
+                            arg.register_hook(partial(on_backward, BWD_END, index, call))
+            events.append((kind, index, call, rec.stamp()))
+        except Exception as exc:  # never reaches training
+            rec.hook_error(exc)
+        return None
+
+    def forward_post(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        if rec.skip():
+            return None
+        try:
+            buf = rec.buf
+            events = buf.events
+            if len(events) >= MAX_EVENTS_PER_STEP:
+                buf.dropped_events += 1
+                return None
+            events.append((FWD_END, index, 0, rec.stamp()))
+            if rec.preflight is not None:
+                rec.preflight.observe(index, args, kwargs, output)
+            if rec.flow:
+                first = next(iter_tensors(output), None)
+                if first is not None and first.is_floating_point():
+                    buf.output_norms.append((index, _vector_norm(first.detach(), dtype=_float32)))
+            if tensor_backward and output is not None and _grad_enabled() and _graph_task_id() == -1:
+                hook = partial(on_backward, BWD_START, index, buf.calls.get(index, 1) - 1)
+                for tensor in iter_tensors(output):
+                    if tensor.requires_grad:
+                        tensor.register_hook(hook)
+        except Exception as exc:
+            rec.hook_error(exc)
+        return None
+
+    return forward_pre, forward_post
+
+
+def make_full_backward_hooks(rec: Recorder, index: int) -> tuple[Callable[..., None], Callable[..., None]]:
+    """``register_full_backward_pre_hook`` / ``register_full_backward_hook`` bodies (``--backward full``)."""
+    on_backward = rec.on_backward
+
+    def backward_pre(module: nn.Module, grad_output: Any) -> None:
+        on_backward(BWD_START, index, -1, None)
+        return None
+
+    def backward_post(module: nn.Module, grad_input: Any, grad_output: Any) -> None:
+        on_backward(BWD_END, index, -1, None)
+        return None
+
+    return backward_pre, backward_post
+
+
+class HookSet:
+    """The handles of one module's registered hooks, removable in one call."""
+
+    __slots__ = ("handles",)
+
+    def __init__(self) -> None:
+        self.handles: list[RemovableHandle] = []
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+
+def register_module_hooks(
+    module: nn.Module,
+    forward: tuple[Callable[..., None], ...],
+    full_backward: tuple[Callable[..., None], Callable[..., None]] | None,
+) -> HookSet:
+    """Register a module's forward hooks (and full backward hooks when given)."""
+    hooks = HookSet()
+    pre, post = forward
+    hooks.handles.append(module.register_forward_pre_hook(pre))
+    hooks.handles.append(module.register_forward_hook(post, with_kwargs=True, always_call=True))
+    if full_backward is not None:
+        hooks.handles.append(module.register_full_backward_pre_hook(full_backward[0]))
+        hooks.handles.append(module.register_full_backward_hook(full_backward[1]))
+    return hooks

@@ -1,0 +1,155 @@
+"""The recorder: the state the hooks write to, and the switch that turns module hooks on and off.
+
+Per-module hooks are registered only for sampled steps (``activate``/``deactivate``), so an
+unsampled step runs the model's fast path with no per-module hook at all.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from hooktrace._record.buffer import BWD_START, MAX_EVENTS_PER_STEP, StepBuffer
+from hooktrace._record.clock import Clock, CpuClock
+from hooktrace._record.hooks import HookSet, make_forward_hooks, make_full_backward_hooks, register_module_hooks
+from hooktrace._record.module_table import ModuleTable
+from hooktrace._record.preflight import Preflight
+
+_vector_norm = torch.linalg.vector_norm
+
+MAX_HOOK_ERRORS = 100
+"""After this many hook errors the agent detaches itself and warns once."""
+
+
+def _never() -> bool:
+    return False
+
+
+class Recorder:
+    """Owns the module table, the per-module hooks and the current step buffer."""
+
+    def __init__(self, *, depth: int, max_modules: int, backward: str, on_fatal: Callable[[], None]) -> None:
+        self.table = ModuleTable(depth, max_modules)
+        self.modules: list[nn.Module] = []
+        self.backward = backward
+        self.clock: Clock = CpuClock()
+        self.stamp: Callable[[], Any] = self.clock.stamp
+        self.skip: Callable[[], bool] = torch.compiler.is_compiling
+        self.buf = StepBuffer(number=1, sampled=True, start_ns=0)
+        self.preflight: Preflight | None = Preflight() if backward == "full" else None
+        self.full_skipped: dict[int, str] = {}
+        self.hook_errors = 0
+        self.first_error: str | None = None
+        self.flow = False
+        """Sampled steps: record output/gradient norms for gradient flow and non-finite localisation."""
+        self._on_fatal = on_fatal
+        self._forward_hooks: list[tuple[Callable[..., None], ...]] = []
+        self._full_hooks: list[tuple[Callable[..., None], Callable[..., None]]] = []
+        self._active: dict[int, HookSet] = {}
+        self._pinned: set[int] = set()
+
+    # -- hot path -------------------------------------------------------------------------------
+    def on_backward(self, kind: int, index: int, call: int, grad: Any) -> None:
+        """Tensor-hook / full-backward-hook body: one stamp, one append."""
+        try:
+            buf = self.buf
+            if len(buf.events) >= MAX_EVENTS_PER_STEP:
+                buf.dropped_events += 1
+                return None
+            buf.events.append((kind, index, call, self.stamp()))
+            if self.flow and isinstance(grad, torch.Tensor):
+                # Sampled steps only: the "gradient flow" norms, kept on device (no sync).
+                norm = _vector_norm(grad.detach(), dtype=torch.float32)
+                (buf.output_grad_norms if kind == BWD_START else buf.input_grad_norms).append((index, norm))
+        except Exception as exc:
+            self.hook_error(exc)
+        return None
+
+    def hook_error(self, exc: BaseException) -> None:
+        """Count a hook failure; after too many, detach (once) and say so once."""
+        self.hook_errors += 1
+        if self.first_error is None:
+            self.first_error = f"{type(exc).__name__}: {exc}"
+        if self.hook_errors == MAX_HOOK_ERRORS:
+            print(
+                f"hooktrace: {self.hook_errors} errors inside hooks (first: {self.first_error}); "
+                "detaching to protect training. Please report this.",
+                file=sys.stderr,
+            )
+            self._on_fatal()
+
+    # -- set-up (training thread, outside hooks) ------------------------------------------------
+    def index_root(self, root: nn.Module, label: str, descend: bool = True) -> list[tuple[int, nn.Module]]:
+        """Index a root and any new submodules; builds their hooks. Returns the new modules."""
+        added = self.table.add_root(root, label, descend=descend)
+        tensor_backward = self.backward != "off"
+        for index, module in added:
+            self.modules.append(module)
+            self._forward_hooks.append(make_forward_hooks(self, index, tensor_backward))
+            self._full_hooks.append(make_full_backward_hooks(self, index))
+            if self.backward == "full" and getattr(module, "inplace", False) is True:
+                self.full_skipped[index] = "inplace=True"
+        return added
+
+    def set_device_clock(self, clock: Clock) -> None:
+        self.clock = clock
+        self.stamp = clock.stamp
+        if clock.kind == "cuda":
+            capturing = torch.cuda.is_current_stream_capturing
+            is_compiling = torch.compiler.is_compiling
+            self.skip = lambda: is_compiling() or capturing()
+        else:
+            self.skip = torch.compiler.is_compiling
+
+    def pin(self, index: int) -> None:
+        """Keep a module's hooks on every step (``--watch``)."""
+        self._pinned.add(index)
+        self._register(index)
+
+    def forward_hooks(self, index: int) -> tuple[Callable[..., None], ...]:
+        return self._forward_hooks[index]
+
+    def activate(self, exclude: set[int]) -> int:
+        """Register per-module hooks for a sampled step; returns the time it took (ns)."""
+        start = time.perf_counter_ns()
+        self.flow = True
+        for index in range(len(self.modules)):
+            if index not in exclude and index not in self._active:
+                self._register(index)
+        return time.perf_counter_ns() - start
+
+    def deactivate(self) -> int:
+        """Remove the per-module hooks of a sampled step (pinned modules keep theirs)."""
+        start = time.perf_counter_ns()
+        self.flow = False
+        for index in [i for i in self._active if i not in self._pinned]:
+            self._active.pop(index).remove()
+        return time.perf_counter_ns() - start
+
+    def _register(self, index: int) -> None:
+        use_full = (
+            self.backward == "full"
+            and self.preflight is not None
+            and self.preflight.done
+            and index not in self.full_skipped
+        )
+        forward = self._forward_hooks[index]
+        if use_full:
+            forward = make_forward_hooks(self, index, tensor_backward=False)
+        self._active[index] = register_module_hooks(
+            self.modules[index], forward, self._full_hooks[index] if use_full else None
+        )
+
+    def remove_all(self) -> None:
+        for hooks in self._active.values():
+            hooks.remove()
+        self._active.clear()
+        self._pinned.clear()
+
+    def active_count(self) -> int:
+        return len(self._active)

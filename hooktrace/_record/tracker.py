@@ -1,0 +1,272 @@
+"""Step boundaries: root-module hooks, global optimizer hooks and the end-of-backward callback.
+
+A step is one optimizer step. Marks (perf_counter_ns) are recorded every step:
+root forward start, backward start/end, optimizer start/end, eval forwards. A step is closed
+lazily at the next training forward after an optimizer step, or after a backward whose
+gradients were reset without an optimizer step (a GradScaler skip), or by ``agent.step()``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+from torch.utils.hooks import RemovableHandle
+
+from hooktrace._record.buffer import (
+    M_BWD,
+    M_BWD_END,
+    M_EVAL,
+    M_EVAL_END,
+    M_FWD,
+    M_OPT,
+    M_OPT_END,
+    StepBuffer,
+)
+from hooktrace._record.hooks import iter_tensors
+from hooktrace._record.recorder import Recorder
+
+_now = time.perf_counter_ns
+_grad_enabled = torch.is_grad_enabled
+_graph_task_id = torch._C._current_graph_task_id
+_queue_callback = torch.autograd.Variable._execution_engine.queue_callback
+
+
+class StepTracker:
+    """Finds step boundaries and hands each finished :class:`StepBuffer` to ``on_step``."""
+
+    def __init__(
+        self,
+        recorder: Recorder,
+        *,
+        sample_every: int,
+        on_step: Callable[[StepBuffer], None],
+        on_optimizer: Callable[[StepBuffer], None],
+        on_sampling: Callable[[bool], None] | None = None,
+    ) -> None:
+        self.rec = recorder
+        self.sample_every = sample_every
+        self._on_step = on_step
+        self._on_optimizer = on_optimizer
+        self._on_sampling = on_sampling or (lambda sampled: None)
+        self._root_pre: dict[int, Callable[..., None]] = {}
+        self._handles: list[RemovableHandle] = []
+        self._root_handles: dict[int, list[RemovableHandle]] = {}
+        self._depth = 0
+        self._eval_depth = 0
+        self._in_backward = False
+        self._pending_close = False
+        self._backward_since_optimizer = False
+        self._grad_probe: nn.Parameter | None = None
+        self.optimizer_seen = False
+        self.closed_steps = 0
+        self._active = False
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    def start(self) -> None:
+        if not self._handles:
+            self._handles = [
+                register_optimizer_step_pre_hook(self._optimizer_pre),
+                register_optimizer_step_post_hook(self._optimizer_post),
+            ]
+
+    def add_root(self, index: int, root: nn.Module) -> None:
+        """Persistent hooks on a root: they run every step (module hooks only on sampled ones)."""
+        if index in self._root_handles:
+            return
+        self._root_pre[index] = self._make_root_pre(index)
+        self._root_handles[index] = [
+            root.register_forward_pre_hook(self._root_pre[index], prepend=True),
+            root.register_forward_hook(self._make_root_post(index), with_kwargs=True, always_call=True),
+        ]
+        if self.rec.buf.sampled and self._active:
+            self.rec.activate(exclude=set(self._root_handles))
+
+    def stop(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for handles in self._root_handles.values():
+            for handle in handles:
+                handle.remove()
+        self._root_handles.clear()
+        self.rec.remove_all()
+
+    def roots(self) -> set[int]:
+        return set(self._root_handles)
+
+    def busy(self) -> bool:
+        """True while a known root's forward runs (a module called now is not a new root)."""
+        return self._depth > 0 or self._eval_depth > 0
+
+    def root_pre_now(self, index: int, module: nn.Module, args: tuple[Any, ...]) -> None:
+        """Run a root's pre-hook by hand for the call during which the root was found."""
+        hook = self._root_pre.get(index)
+        if hook is not None:
+            hook(module, args)
+
+    # -- step boundaries ------------------------------------------------------------------------------
+    def close_step(self, now: int | None = None) -> StepBuffer | None:
+        """Finish the current step (if it did anything) and start the next one."""
+        buf = self.rec.buf
+        if not buf.marks and not buf.events:
+            return None
+        t0 = _now()
+        end = now if now is not None else t0
+        if buf.optimizer_steps:
+            end = max(t for m, t in buf.marks if m == M_OPT_END)
+        elif any(m == M_BWD_END for m, _ in buf.marks):
+            end = max(t for m, t in buf.marks if m == M_BWD_END)
+        carry = [mark for mark in buf.marks if mark[1] > end]
+        if carry:
+            buf.marks = [mark for mark in buf.marks if mark[1] <= end]
+        buf.end_ns = end
+        if self._active:
+            buf.overhead_ns += self.rec.deactivate()
+            self._active = False
+        number = buf.number + 1
+        sampled = (number - 1) % self.sample_every == 0
+        nxt = StepBuffer(number=number, sampled=sampled, start_ns=end, marks=carry)
+        nxt.clock = self.rec.clock
+        nxt.anchor = self.rec.clock.anchor()
+        self._pending_close = False
+        self._backward_since_optimizer = False
+        self.closed_steps += 1
+        self.rec.buf = nxt
+        if sampled:
+            self._begin_sampled(nxt)
+        if sampled != buf.sampled:
+            self._on_sampling(sampled)
+        buf.overhead_ns += _now() - t0
+        self._on_step(buf)
+        return buf
+
+    def _begin_sampled(self, buf: StepBuffer) -> None:
+        buf.overhead_ns += self.rec.activate(exclude=self.roots())
+        self._active = True
+
+    # -- root hooks -------------------------------------------------------------------------------------
+    def _make_root_pre(self, index: int) -> Callable[..., None]:
+        forward_pre = self.rec.forward_hooks(index)[0]
+
+        def root_pre(module: nn.Module, args: tuple[Any, ...]) -> None:
+            rec = self.rec
+            if rec.skip():
+                return None
+            try:
+                now = _now()
+                if not _grad_enabled():
+                    if self._eval_depth == 0 and self._depth == 0:
+                        rec.buf.marks.append((M_EVAL, now))
+                    self._eval_depth += 1
+                elif _graph_task_id() == -1:
+                    if self._depth == 0:
+                        self._start_forward(now)
+                    self._depth += 1
+            except Exception as exc:
+                rec.hook_error(exc)
+            if rec.buf.sampled:
+                forward_pre(module, args)
+            return None
+
+        return root_pre
+
+    def _make_root_post(self, index: int) -> Callable[..., None]:
+        forward_post = self.rec.forward_hooks(index)[1]
+
+        def root_post(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+            rec = self.rec
+            if rec.skip():
+                return None
+            if rec.buf.sampled:
+                forward_post(module, args, kwargs, output)
+            try:
+                if not _grad_enabled():
+                    if self._eval_depth > 0:
+                        self._eval_depth -= 1
+                        if self._eval_depth == 0 and self._depth == 0:
+                            rec.buf.marks.append((M_EVAL_END, _now()))
+                elif _graph_task_id() == -1 and self._depth > 0:
+                    self._depth -= 1
+                    if self._depth == 0 and output is not None:
+                        for tensor in iter_tensors(output):
+                            if tensor.requires_grad:
+                                tensor.register_hook(self._on_root_grad)
+            except Exception as exc:
+                rec.hook_error(exc)
+            return None
+
+        return root_post
+
+    def _start_forward(self, now: int) -> None:
+        buf = self.rec.buf
+        if self._backward_since_optimizer and not self._pending_close:
+            probe = self._grad_probe
+            if probe is not None and probe.grad is None:
+                buf.skipped = True  # backward ran, grads were reset, no optimizer step
+                self._pending_close = True
+        if self._pending_close:
+            self.close_step()
+            buf = self.rec.buf
+        if buf.start_ns == 0:
+            buf.start_ns = now
+            buf.clock = self.rec.clock
+            buf.anchor = self.rec.clock.anchor()
+            if buf.sampled and not self._active:
+                self._begin_sampled(buf)
+        buf.marks.append((M_FWD, now))
+        buf.micro_batches += 1
+
+    # -- backward -----------------------------------------------------------------------------------------
+    def _on_root_grad(self, grad: torch.Tensor) -> None:
+        try:
+            if not self._in_backward:
+                self._in_backward = True
+                self.rec.buf.marks.append((M_BWD, _now()))
+                if self.rec.preflight is not None and not self.rec.preflight.done:
+                    self.rec.full_skipped.update(self.rec.preflight.finish())
+                _queue_callback(self._on_backward_end)
+        except Exception as exc:
+            self.rec.hook_error(exc)
+        return None
+
+    def _on_backward_end(self) -> None:
+        try:
+            buf = self.rec.buf
+            buf.marks.append((M_BWD_END, _now()))
+            buf.backward_passes += 1
+            self._in_backward = False
+            self._backward_since_optimizer = True
+            if self._grad_probe is None or self._grad_probe.grad is None:
+                self._grad_probe = next(
+                    (p for info in self.rec.table.infos for _, p in info.params if p.grad is not None), None
+                )
+        except Exception as exc:
+            self.rec.hook_error(exc)
+
+    # -- optimizer --------------------------------------------------------------------------------------------
+    def _optimizer_pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        buf = self.rec.buf
+        buf.marks.append((M_OPT, _now()))
+        if buf.optimizer_steps == 0 and buf.grad_norms is None:
+            self._on_optimizer(buf)  # gradient health; may raise when the user chose "raise"
+        return None
+
+    def _optimizer_post(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        try:
+            buf = self.rec.buf
+            buf.marks.append((M_OPT_END, _now()))
+            buf.optimizer_steps += 1
+            self.optimizer_seen = True
+            self._pending_close = True
+            self._backward_since_optimizer = False
+            if self._active:
+                buf.overhead_ns += self.rec.deactivate()
+                self._active = False
+        except Exception as exc:
+            self.rec.hook_error(exc)
+        return None

@@ -1,0 +1,363 @@
+"""The Agent: attaches hooks to a model, runs the worker, owns the exporters.
+
+Life cycle: ``Agent(config)`` -> ``model.apply(agent.instrument)`` (or ``attach``) -> training ->
+``close()`` (flush, summary, detach). Hooks and the step tracker live in ``_record``; everything
+slow lives in ``_aggregate`` and ``export`` on the worker thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import threading
+import time
+import weakref
+from typing import Any
+
+import torch
+from torch import nn
+
+from hooktrace._version import __version__
+from hooktrace._aggregate.process import StepProcessor
+from hooktrace._aggregate.snapshot import RankInfo
+from hooktrace._aggregate.stats import RankStats
+from hooktrace._aggregate.step_record import StepRecord
+from hooktrace._aggregate.worker import Worker
+from hooktrace._record.buffer import StepBuffer
+from hooktrace._record.clock import clock_for
+from hooktrace._record.discovery import Discovery
+from hooktrace._record.recorder import Recorder
+from hooktrace._record.tracker import StepTracker
+from hooktrace.config import Config
+from hooktrace.distributed import placement
+from hooktrace.errors import AttachError, GradientExplosionError, NonFiniteGradientError
+from hooktrace.export.base import Exporter
+from hooktrace.health.guard import SyncGuard
+from hooktrace.health.monitor import GradHealth
+from hooktrace.health.norms import GradNormCapture
+from hooktrace.summary import RunSummary
+from hooktrace.summary_builder import build_summary, write_summary
+
+
+_LIVE: weakref.WeakKeyDictionary[nn.Module, Agent] = weakref.WeakKeyDictionary()
+"""Root module -> the live agent watching it, so attaching twice returns the same agent."""
+
+
+def existing_agent(model: nn.Module) -> Agent | None:
+    agent = _LIVE.get(model)
+    return agent if agent is not None and not agent._detached else None
+
+
+def _is_compiled(module: nn.Module) -> bool:
+    return hasattr(module, "_orig_mod") and type(module).__name__ == "OptimizedModule"
+
+
+def check_attachable(model: object) -> None:
+    """Raise :class:`AttachError` with a fix-it message for anything hooks cannot work on."""
+    if not isinstance(model, nn.Module):
+        raise AttachError(f"hooktrace.attach() needs a torch.nn.Module, got {type(model).__name__}; pass your model")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise AttachError(
+            "hooktrace cannot hook a TorchScript module (scripted or traced); attach the eager model "
+            "before torch.jit.script/trace"
+        )
+    if not any(True for _ in model.parameters()):
+        raise AttachError(
+            f"{type(model).__name__} has no parameters, so there is nothing to train or watch; "
+            "attach the model that the optimizer updates"
+        )
+
+
+class Agent:
+    """Profiles and watches the gradients of the modules it instruments. See DESIGN §2."""
+
+    def __init__(self, config: Config | None = None, **overrides: Any) -> None:
+        self.config = config if config is not None and not overrides else Config.resolve(overrides)
+        if config is not None and overrides:
+            self.config = Config.resolve({**{k: getattr(config, k) for k in config.__slots__}, **overrides})
+        cfg = self.config
+        self.placement = placement()
+        self.out_dir = cfg.out_dir()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._detached = False
+        self._candidates: list[nn.Module] = []
+        self._candidate_hook: Any = None
+        self._warned: set[str] = set()
+        self.notes: list[str] = []
+        self._wall_offset_ns = time.time_ns() - time.perf_counter_ns()
+        self.recorder = Recorder(
+            depth=cfg.depth, max_modules=cfg.max_modules, backward=cfg.backward, on_fatal=self._fatal
+        )
+        self.capture = GradNormCapture(self.recorder.table)
+        watch_params = {w for w in cfg.watch}
+        self.health = GradHealth(self.recorder.table, cfg.explode_factor, watch_params)
+        self.guard = SyncGuard(cfg, self.capture, self.health) if cfg.on_explosion != "warn" or cfg.on_nonfinite == "raise" else None
+        self.tracker = StepTracker(
+            self.recorder, sample_every=cfg.sample_every, on_step=self._on_step, on_optimizer=self._on_optimizer,
+            on_sampling=self._on_sampling,
+        )
+        self.discovery: Discovery | None = None
+        self.info = RankInfo(
+            run_id=cfg.run_id or "run",
+            rank=self.placement.rank,
+            local_rank=self.placement.local_rank,
+            world_size=self.placement.world_size,
+            node=self.placement.node,
+            version=__version__,
+            torch_version=torch.__version__,
+            device="cpu",
+        )
+        self.stats = RankStats(self.info)
+        self.exporters: list[Exporter] = self._make_exporters()
+        self.worker = Worker(
+            StepProcessor(
+                table=self.recorder.table, capture=self.capture, health=self.health, rank=self.info.rank,
+                wall_offset_ns=self._wall_offset_ns, trace_id=self.trace_id,
+            ),
+            self.stats,
+            self.exporters,
+            queue_size=cfg.queue_size,
+            on_record=self._on_record,
+        )
+        self._started = False
+
+    # -- public API ---------------------------------------------------------------------------------
+    def instrument(self, module: nn.Module) -> None:
+        """``model.apply(agent.instrument)``: remember ``module``; roots are resolved at first use."""
+        if self._detached:
+            raise AttachError("this agent was detached; create a new one with hooktrace.attach(model)")
+        if self.recorder.table.index_of(module) is not None:
+            return
+        self._candidates.append(module)
+        if self._candidate_hook is None:
+            from torch.nn.modules.module import register_module_forward_pre_hook
+
+            self._candidate_hook = register_module_forward_pre_hook(self._resolve_on_call)
+
+    def attach(self, model: nn.Module) -> Agent:
+        """Instrument ``model`` and all its submodules now."""
+        check_attachable(model)
+        model.apply(self.instrument)
+        self._resolve_candidates()
+        return self
+
+    def discover(self) -> None:
+        """Zero-code mode: attach to every root module on its first forward call."""
+        self._start()
+        if self.discovery is None:
+            rec = self.recorder
+            self.discovery = Discovery(
+                adopt=self._adopt_discovered,
+                busy=self.tracker.busy,
+                known=lambda m: rec.table.index_of(m) is not None,
+                on_error=rec.hook_error,
+            )
+        self.discovery.enable()
+
+    def step(self) -> None:
+        """Mark a step boundary explicitly (optional: optimizer steps are found automatically)."""
+        with self._lock:
+            self.tracker.close_step()
+
+    def detach(self) -> None:
+        """Remove every hook; the model is exactly as before. Recorded data stays for ``close``."""
+        if self._candidate_hook is not None:
+            self._candidate_hook.remove()
+            self._candidate_hook = None
+        if self.discovery is not None:
+            self.discovery.disable()
+        self.tracker.stop()
+        self._candidates.clear()
+        for index in self.recorder.table.roots:
+            module = self.recorder.modules[index] if index < len(self.recorder.modules) else None
+            if module is not None and _LIVE.get(module) is self:
+                del _LIVE[module]
+        self._detached = True
+
+    def close(self, timeout: float = 10.0) -> RunSummary:
+        """Close the last step, flush every exporter, write ``summary.json``, detach."""
+        with self._lock:
+            if self._closed:
+                return self.summary()
+            self._closed = True
+        if not self.recorder.buf.skipped:
+            self.tracker.close_step()
+        self.detach()
+        self._start()
+        self.worker.close(timeout)
+        result = self.summary()
+        if self.config.write_files:
+            write_summary(self.out_dir, result)
+        if self.config.print_summary:
+            print(result.render(), file=sys.stderr)
+        return result
+
+    def summary(self) -> RunSummary:
+        """The run summary so far (this rank)."""
+        return build_summary(self)
+
+    def trace_id(self, step: int) -> str:
+        """Same on every rank without communication: hash(run id, restart count, step)."""
+        key = f"{self.info.run_id}/{self.placement.restart_count}/{step}".encode()
+        return hashlib.sha256(key).hexdigest()[:32]
+
+    def __enter__(self) -> Agent:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals ------------------------------------------------------------------------------------
+    def _make_exporters(self) -> list[Exporter]:
+        from hooktrace.export.factory import make_exporters
+
+        return make_exporters(self)
+
+    def _start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        for exporter in self.exporters:
+            exporter.start()
+        self.tracker.start()
+        self.worker.start()
+
+    def _resolve_on_call(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        if torch.compiler.is_compiling():
+            return None
+        try:
+            roots = self._resolve_candidates()
+            for root in roots:
+                if root is module:
+                    self.tracker.root_pre_now(self.recorder.table.by_id[id(root)], root, args)
+        except Exception as exc:
+            self.recorder.hook_error(exc)
+        return None
+
+    def _resolve_candidates(self) -> list[nn.Module]:
+        if self._candidate_hook is not None:
+            self._candidate_hook.remove()
+            self._candidate_hook = None
+        candidates, self._candidates = self._candidates, []
+        inner: set[int] = set()
+        for module in candidates:
+            inner.update(id(m) for m in module.modules() if m is not module)
+        roots = [m for m in candidates if id(m) not in inner and self.recorder.table.index_of(m) is None]
+        for root in roots:
+            self._adopt_root(root)
+        return roots
+
+    def _adopt_discovered(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        index = self._adopt_root(module)
+        if index is not None:
+            self.tracker.root_pre_now(index, module, args)
+
+    def _adopt_root(self, root: nn.Module) -> int | None:
+        check_attachable(root)
+        self._start()
+        compiled = _is_compiled(root)
+        if compiled:
+            self._warn_once(
+                "compiled",
+                f"hooktrace: {type(root._orig_mod).__name__} is torch.compile'd; timing the compiled call as "
+                "one module (attach before torch.compile for per-module detail)",
+            )
+        if not self.recorder.table.roots:
+            clock = clock_for(root)
+            self.recorder.set_device_clock(clock)
+            device = next(root.parameters()).device.type
+            self.info = RankInfo(**{**{k: getattr(self.info, k) for k in self.info.__slots__}, "device": device})
+            self.stats.info = self.info
+        label = "" if not self.recorder.table.roots else self._root_label(root)
+        self.recorder.index_root(root, label, descend=not compiled)
+        index = self.recorder.table.index_of(root)
+        assert index is not None
+        self.tracker.add_root(index, root)
+        _LIVE[root] = self
+        for name in self.config.watch:
+            self._pin(root, name)
+        return index
+
+    def _root_label(self, root: nn.Module) -> str:
+        base = type(root).__name__
+        existing = {self.recorder.table.infos[i].display for i in self.recorder.table.roots}
+        label, n = base, 1
+        while label in existing:
+            n += 1
+            label = f"{base}{n}"
+        return label
+
+    def _pin(self, root: nn.Module, name: str) -> None:
+        try:
+            target = root.get_submodule(name)
+        except AttributeError:
+            try:
+                root.get_parameter(name)
+                return  # a parameter: its norm is reported every step by the health monitor
+            except AttributeError:
+                self._warn_once(f"watch:{name}", f"hooktrace: --watch {name!r} names no module or parameter of "
+                                f"{type(root).__name__}; use a name from model.named_modules()")
+                return
+        index = self.recorder.table.index_of(target)
+        if index is not None:
+            self.recorder.pin(index)
+
+    def _on_sampling(self, sampled: bool) -> None:
+        if self.discovery is not None:
+            if sampled or self.tracker.closed_steps == 0:
+                self.discovery.enable()
+            else:
+                self.discovery.disable()
+
+    def _on_optimizer(self, buf: StepBuffer) -> None:
+        start = time.perf_counter_ns()
+        try:
+            buf.grad_norms, buf.grad_present, buf.grad_ready = self.capture.capture()
+            if self.guard is not None:
+                self.guard.check(buf)
+        except (GradientExplosionError, NonFiniteGradientError):
+            raise
+        except Exception as exc:
+            self.recorder.hook_error(exc)
+        finally:
+            buf.overhead_ns += time.perf_counter_ns() - start
+
+    def _on_step(self, buf: StepBuffer) -> None:
+        self.worker.submit(buf)
+
+    def _on_record(self, record: StepRecord) -> None:
+        self.stats.hook_errors = self.recorder.hook_errors
+        self.stats.module_labels = len(self.recorder.table.labels)
+        self.stats.modules_truncated = self.recorder.table.truncated
+        for event in record.events:
+            if event.kind == "grad_spike" and self.config.on_explosion == "warn":
+                ratio = event.detail.get("ratio")
+                print(f"hooktrace: gradient spike at step {record.step} (rank {record.rank}): {event.module} "
+                      f"norm {event.value:.4g}, {ratio}x its rolling median", file=sys.stderr)
+            elif event.kind == "nonfinite":
+                print(f"hooktrace: non-finite gradient at step {record.step} (rank {record.rank}): first in "
+                      f"{event.phase} of {event.detail.get('first_module', event.module)}", file=sys.stderr)
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            self.notes.append(message.removeprefix("hooktrace: "))
+            print(message, file=sys.stderr)
+
+    def _fatal(self) -> None:
+        self.detach()
+        self.notes.append("detached after repeated hook errors")
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def files(self) -> dict[str, str]:
+        r = self.info.rank
+        return {
+            "trace": os.path.join(self.out_dir, f"rank{r}.trace.json"),
+            "steps": os.path.join(self.out_dir, f"rank{r}.steps.jsonl"),
+            "summary": os.path.join(self.out_dir, "summary.json"),
+        }

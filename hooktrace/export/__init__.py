@@ -1,0 +1,1 @@
+"""Exporters: everything that leaves the process. They run on the worker thread only."""

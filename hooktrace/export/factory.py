@@ -1,0 +1,45 @@
+"""Which exporters a run gets, from its config. Optional backends are imported lazily."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from hooktrace.export.base import Exporter
+
+if TYPE_CHECKING:
+    from hooktrace.agent import Agent
+
+
+def make_exporters(agent: Agent) -> list[Exporter]:
+    cfg = agent.config
+    rank = agent.info.rank
+    exporters: list[Exporter] = []
+    if cfg.write_files:
+        from hooktrace.export.jsonl import StepsJsonlExporter
+        from hooktrace.export.perfetto import PerfettoExporter
+
+        exporters.append(StepsJsonlExporter(os.path.join(agent.out_dir, f"rank{rank}.steps.jsonl")))
+        exporters.append(
+            PerfettoExporter(
+                os.path.join(agent.out_dir, f"rank{rank}.trace.json"),
+                rank=rank,
+                max_events=cfg.max_trace_events,
+                wall_offset_ns=agent._wall_offset_ns,
+                run_id=agent.info.run_id,
+            )
+        )
+    if cfg.metrics_port:
+        from hooktrace.export.prometheus import PrometheusExporter
+
+        exporters.append(
+            PrometheusExporter(
+                None,
+                addr=cfg.metrics_addr,
+                base_port=cfg.metrics_port,
+                local_rank=agent.info.local_rank,
+                out_dir=agent.out_dir if cfg.write_files else None,
+                info=agent.info,
+            )
+        )
+    return exporters

@@ -1,0 +1,97 @@
+"""``<out>/rank<r>.trace.json``: Chrome trace events of the sampled steps; opens in Perfetto.
+
+Written as the JSON Array Format, streamed as steps arrive, closed with ``]`` at exit. The
+format allows a missing ``]``, so Perfetto and chrome://tracing also open the file of a killed
+run. Events: ``step {n}`` > phases > ``forward {module}`` / ``backward {module}``, on one track
+per rank so they nest by time; timestamps are wall-clock microseconds, so ranks line up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import IO, Any
+
+from hooktrace._aggregate.snapshot import MetricsSnapshot
+from hooktrace._aggregate.step_record import StepRecord
+
+
+class PerfettoExporter:
+    """Streams trace events; stops (and counts) beyond ``max_events``."""
+
+    name = "perfetto"
+
+    def __init__(self, path: str, rank: int, max_events: int, wall_offset_ns: int, run_id: str) -> None:
+        self.path = path
+        self.rank = rank
+        self.max_events = max_events
+        self.wall_offset_ns = wall_offset_ns
+        self.run_id = run_id
+        self.written = 0
+        self.dropped = 0
+        self._file: IO[str] | None = None
+
+    def start(self) -> None:
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        self._file = open(self.path, "w", encoding="utf-8")  # noqa: SIM115 - lives as long as the run
+        self._file.write("[\n")
+        self._write(
+            {"name": "process_name", "ph": "M", "pid": self.rank, "tid": 0,
+             "args": {"name": f"rank {self.rank} ({self.run_id})"}}
+        )
+        self._write({"name": "process_sort_index", "ph": "M", "pid": self.rank, "tid": 0,
+                     "args": {"sort_index": self.rank}})
+        self._write({"name": "thread_name", "ph": "M", "pid": self.rank, "tid": 0, "args": {"name": "training"}})
+
+    def _us(self, ns: int) -> float:
+        return (ns + self.wall_offset_ns) / 1000.0
+
+    def _write(self, event: dict[str, Any]) -> None:
+        if self._file is None:
+            return
+        if self.written >= self.max_events:
+            self.dropped += 1
+            return
+        self._file.write(json.dumps(event, separators=(",", ":")) + ",\n")
+        self.written += 1
+
+    def _complete(self, name: str, cat: str, start: int, end: int, args: dict[str, Any]) -> None:
+        self._write(
+            {"name": name, "cat": cat, "ph": "X", "ts": self._us(start), "dur": max(0, end - start) / 1000.0,
+             "pid": self.rank, "tid": 0, "args": args}
+        )
+
+    def export_step(self, step: StepRecord, snapshot: MetricsSnapshot) -> None:
+        if not step.spans:
+            return
+        self._complete(
+            f"step {step.step}", "step", step.start_ns, step.end_ns,
+            {"step": step.step, "rank": step.rank, "grad_norm": step.grad_norm, "trace_id": step.trace_id},
+        )
+        for phase, start, end in step.phase_spans:
+            self._complete(phase, "phase", start, end, {"step": step.step, "phase": phase})
+        for span in sorted(step.spans, key=lambda s: (s.start_ns, -s.end_ns)):
+            self._complete(
+                f"{span.phase} {span.module}", span.phase, span.start_ns, span.end_ns,
+                {"module": span.module, "module_type": span.module_type, "self_us": span.self_ns / 1000.0},
+            )
+        for event in step.events:
+            self._write(
+                {"name": event.kind, "cat": "event", "ph": "i", "s": "p", "ts": self._us(step.end_ns),
+                 "pid": self.rank, "tid": 0, "args": event.as_json()}
+            )
+
+    def flush(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is None:
+            return
+        self._file.write(json.dumps({"name": "hooktrace", "ph": "M", "pid": self.rank, "tid": 0,
+                                     "args": {"events": self.written, "dropped": self.dropped}}))
+        self._file.write("\n]\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._file = None

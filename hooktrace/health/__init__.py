@@ -1,0 +1,1 @@
+"""Gradient health: norms, spikes, non-finite values and per-tensor clipping."""

@@ -1,0 +1,129 @@
+"""Per-step gradient verdicts: total and per-module norms, spikes, non-finite localisation.
+
+Runs on the worker thread in ``warn`` mode, and on the training thread at the optimizer
+pre-hook when the user asked to ``clip`` or ``raise`` (the decision must precede the step).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from hooktrace._aggregate.snapshot import TOTAL
+from hooktrace._record.module_table import ModuleTable
+from hooktrace.health.norms import ParamRef
+from hooktrace.health.spikes import SpikeDetector
+
+
+@dataclass(slots=True)
+class Verdict:
+    """The health of one step's gradients."""
+
+    total: float | None = None
+    """Total L2 norm; None when non-finite or when no parameter had a gradient."""
+    module_norms: dict[str, float] = field(default_factory=dict)
+    """Finite norms per module label (own parameters, aggregated to --depth)."""
+    param_norms: dict[str, float] = field(default_factory=dict)
+    """Finite per-parameter norms (sampled steps and --watch parameters)."""
+    ratio: float | None = None
+    spike: bool = False
+    spike_modules: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """label -> (norm, ratio) of the modules that spiked (``__total__`` for the model)."""
+    spike_params: dict[int, float] = field(default_factory=dict)
+    """param position -> clip threshold, for ``--on-explosion clip``."""
+    nonfinite: bool = False
+    nonfinite_params: list[int] = field(default_factory=list)
+    clipped: dict[int, tuple[float, float]] = field(default_factory=dict)
+    """param position -> (norm before, norm after) for tensors clipped by ``--on-explosion clip``."""
+
+
+class GradHealth:
+    """Holds the rolling medians; one instance per agent, used from one thread at a time."""
+
+    def __init__(self, table: ModuleTable, explode_factor: float, watch_params: set[str] | None = None) -> None:
+        self.table = table
+        self.detector = SpikeDetector(explode_factor)
+        self.param_detector = SpikeDetector(explode_factor, max_series=1 << 20)
+        self.watch_params = watch_params or set()
+
+    def evaluate(
+        self, params: list[ParamRef], present: list[int], values: list[float], *, detail: bool, per_param: bool
+    ) -> Verdict:
+        """Aggregate per-parameter norms and detect spikes. ``values[i]`` is the norm of ``present[i]``."""
+        verdict = Verdict()
+        if not values:
+            return verdict
+        sq_total = 0.0
+        sq_label: dict[str, float] = defaultdict(float)
+        infos = self.table.infos
+        for pos, value in zip(present, values, strict=True):
+            ref = params[pos]
+            if not math.isfinite(value):
+                verdict.nonfinite = True
+                verdict.nonfinite_params.append(pos)
+                continue
+            sq = value * value
+            sq_total += sq
+            sq_label[infos[ref.module].label] += sq
+            if detail or ref.name in self.watch_params:
+                verdict.param_norms[ref.name] = value
+            if per_param:
+                spike, _ = self.param_detector.check(ref.name, value)
+                if spike:
+                    threshold = self.param_detector.threshold(ref.name)
+                    if threshold is not None:
+                        verdict.spike_params[pos] = threshold
+        verdict.module_norms = {label: math.sqrt(sq) for label, sq in sq_label.items()}
+        if verdict.nonfinite:
+            return verdict
+        verdict.total = math.sqrt(sq_total)
+        spike, ratio = self.detector.check(TOTAL, verdict.total)
+        verdict.ratio = ratio
+        if spike:
+            verdict.spike_modules[TOTAL] = (verdict.total, ratio or 0.0)
+        for label, norm in verdict.module_norms.items():
+            m_spike, m_ratio = self.detector.check(label, norm)
+            if m_spike:
+                verdict.spike_modules[label] = (norm, m_ratio or 0.0)
+        verdict.spike = bool(verdict.spike_modules)
+        return verdict
+
+
+def locate_nonfinite(
+    output_norms: list[tuple[int, float]],
+    input_grad_norms: list[tuple[int, float]],
+    output_grad_norms: list[tuple[int, float]],
+    nonfinite_params: list[int],
+    params: list[ParamRef],
+) -> tuple[int, str] | None:
+    """``(module index, phase)`` of the first module that produced a non-finite value.
+
+    Forward first: the first module output (in completion order, so the innermost module) that
+    is non-finite. Else backward: the first module, in backward order, whose input gradient is
+    non-finite though its output gradient was finite. Else the owner of a non-finite parameter
+    gradient whose output gradient was finite. None when nothing was recorded (unsampled step).
+    """
+    for index, value in output_norms:
+        if not math.isfinite(value):
+            return index, "forward"
+    finite_out = {index for index, value in output_grad_norms if math.isfinite(value)}
+    for index, value in input_grad_norms:
+        if not math.isfinite(value) and index in finite_out:
+            return index, "backward"
+    for pos in nonfinite_params:
+        module = params[pos].module
+        if module in finite_out:
+            return module, "backward"
+    return None
+
+
+def resolve_pairs(pairs: list[tuple[int, Any]]) -> list[tuple[int, float]]:
+    """Device scalars -> floats, in one transfer (worker thread)."""
+    if not pairs:
+        return []
+    import torch
+
+    values = torch.stack([value.float().to(pairs[0][1].device) for _, value in pairs]).tolist()
+    return [(index, float(v)) for (index, _), v in zip(pairs, values, strict=True)]

@@ -1,0 +1,81 @@
+"""Gradient norms, once per step at the optimizer pre-hook: one ``_foreach_norm``, one copy.
+
+The training thread launches the norm kernels and a non-blocking device-to-host copy; the worker
+reads the host tensor after the copy's event completed (a step later at worst). On CPU the norms
+are simply a tensor. No ``.item()``, no sync.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from hooktrace._record.module_table import ModuleTable
+
+
+@dataclass(slots=True)
+class ParamRef:
+    """One parameter that requires grad, with its cleaned name and owning module."""
+
+    name: str
+    param: nn.Parameter
+    module: int
+
+
+class GradNormCapture:
+    """Launches the per-step norm computation over every instrumented parameter."""
+
+    def __init__(self, table: ModuleTable) -> None:
+        self.table = table
+        self._params: list[ParamRef] = []
+        self._table_size = -1
+
+    def params(self) -> list[ParamRef]:
+        """All parameters (tied ones once), refreshed when modules were added."""
+        if self._table_size != len(self.table):
+            self._params = [
+                ParamRef(name, param, info.index)
+                for info in self.table.infos
+                for name, param in info.params
+                if param.requires_grad
+            ]
+            self._table_size = len(self.table)
+        return self._params
+
+    def capture(self) -> tuple[Any, list[int], Any]:
+        """``(norms tensor, positions of params that had a grad, ready event or None)``."""
+        params = self.params()
+        present: list[int] = []
+        grads: list[torch.Tensor] = []
+        for i, ref in enumerate(params):
+            grad = ref.param.grad
+            if grad is not None:
+                present.append(i)
+                grads.append(grad.detach())
+        if not grads:
+            return None, present, None
+        norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
+        device = norms[0].device
+        if any(n.device != device for n in norms):
+            norms = [n.to(device) for n in norms]
+        stacked = torch.stack(norms)
+        if stacked.is_cuda:
+            host = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=True)
+            host.copy_(stacked, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+            return host, present, ready
+        return stacked, present, None
+
+
+def resolve_norms(norms: Any, ready: Any) -> list[float]:
+    """Host floats of a captured norms tensor (worker thread: may wait for the copy)."""
+    if norms is None:
+        return []
+    if ready is not None:
+        ready.synchronize()
+    values: list[float] = norms.tolist()
+    return values

@@ -1,0 +1,62 @@
+"""Rolling-median spike detection for many series at once.
+
+A spike is a finite value above ``factor`` x the median of the same series over the last
+``window`` healthy steps, after ``warmup`` steps. Spikes and non-finite values are not added
+to the history, so one explosion does not raise the baseline of the next.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from statistics import median
+
+
+class RollingMedian:
+    """Median of the last ``window`` accepted values of one series."""
+
+    __slots__ = ("values",)
+
+    def __init__(self, window: int) -> None:
+        self.values: deque[float] = deque(maxlen=window)
+
+    def median(self) -> float | None:
+        return median(self.values) if self.values else None
+
+    def add(self, value: float) -> None:
+        self.values.append(value)
+
+
+class SpikeDetector:
+    """Keeps one rolling median per series name; bounded by ``max_series``."""
+
+    def __init__(self, factor: float, window: int = 50, warmup: int = 10, max_series: int = 4096) -> None:
+        self.factor = factor
+        self.window = window
+        self.warmup = warmup
+        self.max_series = max_series
+        self._series: dict[str, RollingMedian] = {}
+
+    def check(self, name: str, value: float) -> tuple[bool, float | None]:
+        """``(is_spike, ratio to median)``; records ``value`` in the history unless it spiked."""
+        series = self._series.get(name)
+        if series is None:
+            if len(self._series) >= self.max_series:
+                return False, None
+            series = self._series[name] = RollingMedian(self.window)
+        if not math.isfinite(value):
+            return False, None
+        med = series.median()
+        ratio = value / med if med else None
+        spike = len(series.values) >= self.warmup and med is not None and med > 0 and value > self.factor * med
+        if not spike:
+            series.add(value)
+        return spike, ratio
+
+    def threshold(self, name: str) -> float | None:
+        """The value above which ``name`` counts as a spike, once warmed up."""
+        series = self._series.get(name)
+        if series is None or len(series.values) < self.warmup:
+            return None
+        med = series.median()
+        return self.factor * med if med else None

@@ -1,0 +1,207 @@
+"""The run summary: ``summary.json`` and what ``hooktrace run`` prints at the end.
+
+One rank builds its own summary; :func:`merge_summaries` joins the ranks of a node (or job)
+and names the straggler: the rank whose median step time is furthest above the median of ranks.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+from typing import Any
+
+STRAGGLER_RATIO = 1.1
+"""A rank is called a straggler when its median step time exceeds the ranks' median by this."""
+
+
+@dataclass(slots=True)
+class RunSummary:
+    """What a run did, per DESIGN §7. ``as_dict`` is ``summary.json``."""
+
+    run_id: str
+    world_size: int
+    steps: int
+    ranks: list[dict[str, Any]]
+    modules: list[dict[str, Any]]
+    events: list[dict[str, Any]]
+    overhead_ratio: float
+    straggler: dict[str, Any] | None = None
+    never_called: list[str] = field(default_factory=list)
+    backward_skipped: list[dict[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    out_dir: str | None = None
+    device: str = "cpu"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "world_size": self.world_size,
+            "steps": self.steps,
+            "device": self.device,
+            "ranks": self.ranks,
+            "straggler": self.straggler,
+            "modules": self.modules,
+            "events": self.events,
+            "overhead_ratio": self.overhead_ratio,
+            "never_called": self.never_called,
+            "backward_skipped": self.backward_skipped,
+            "notes": self.notes,
+            "out_dir": self.out_dir,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunSummary:
+        return cls(
+            run_id=data["run_id"],
+            world_size=data.get("world_size", 1),
+            steps=data.get("steps", 0),
+            ranks=data.get("ranks", []),
+            modules=data.get("modules", []),
+            events=data.get("events", []),
+            overhead_ratio=data.get("overhead_ratio", 0.0),
+            straggler=data.get("straggler"),
+            never_called=data.get("never_called", []),
+            backward_skipped=data.get("backward_skipped", []),
+            notes=data.get("notes", []),
+            out_dir=data.get("out_dir"),
+            device=data.get("device", "cpu"),
+        )
+
+    def render(self, top: int = 10) -> str:
+        """The terminal summary."""
+        return render_summary(self, top)
+
+
+def find_straggler(ranks: list[dict[str, Any]], modules: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The slowest rank when it is clearly slower than the median rank, with where it loses time."""
+    times = [(r["rank"], r["step_time_s"]) for r in ranks if r.get("step_time_s")]
+    if len(times) < 2:
+        return None
+    median = statistics.median(t for _, t in times)
+    rank, slowest = max(times, key=lambda item: item[1])
+    ratio = slowest / median if median > 0 else 0.0
+    if ratio < STRAGGLER_RATIO:
+        return None
+    # Where it loses time: per (module, phase), its per-step time minus the other ranks' median.
+    others: dict[tuple[str, str], list[float]] = {}
+    mine: dict[tuple[str, str], float] = {}
+    for row in modules:
+        key = (row["module"], row["phase"])
+        if row["rank"] == rank:
+            mine[key] = row.get("self_per_step_s", row["per_step_s"])
+        else:
+            others.setdefault(key, []).append(row.get("self_per_step_s", row["per_step_s"]))
+    losses = sorted(
+        ((value - statistics.median(others[key]), key) for key, value in mine.items() if key in others),
+        reverse=True,
+    )
+    return {
+        "rank": rank,
+        "ratio": round(ratio, 3),
+        "step_time_s": slowest,
+        "median_step_time_s": median,
+        "modules": [
+            {"module": module, "phase": phase, "extra_s_per_step": round(loss, 6)}
+            for loss, (module, phase) in losses[:5]
+            if loss > 0
+        ],
+    }
+
+
+def merge_summaries(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Join per-rank summaries of one run into one (ranks, modules and events of all)."""
+    parts = sorted(parts, key=lambda p: p["ranks"][0]["rank"] if p.get("ranks") else 0)
+    first = parts[0]
+    ranks = [r for p in parts for r in p.get("ranks", [])]
+    modules = [m for p in parts for m in p.get("modules", [])]
+    events = sorted((e for p in parts for e in p.get("events", [])), key=lambda e: (e.get("step", 0), e.get("rank", 0)))
+    overheads = [r.get("overhead_ratio", 0.0) for r in ranks]
+    merged = dict(first)
+    merged.update(
+        {
+            "world_size": max(p.get("world_size", 1) for p in parts),
+            "steps": max(p.get("steps", 0) for p in parts),
+            "ranks": ranks,
+            "modules": modules,
+            "events": events,
+            "overhead_ratio": max(overheads) if overheads else 0.0,
+            "straggler": find_straggler(ranks, modules),
+            "notes": sorted({n for p in parts for n in p.get("notes", [])}),
+        }
+    )
+    return merged
+
+
+def _ms(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    if seconds >= 1:
+        return f"{seconds:.2f} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds * 1e6:.0f} us"
+
+
+def render_summary(summary: RunSummary, top: int = 10) -> str:
+    lines = [
+        f"hooktrace: run {summary.run_id}: {summary.steps} steps on {summary.world_size} "
+        f"rank{'s' if summary.world_size != 1 else ''} ({summary.device})"
+    ]
+    lines.append("Step breakdown (median per step):")
+    for r in summary.ranks:
+        phases = "  ".join(
+            f"{phase} {_ms(r['phases'].get(phase))}"
+            for phase in ("data", "forward", "backward", "optimizer", "allreduce", "eval")
+            if phase in r.get("phases", {})
+        )
+        lines.append(f"  rank {r['rank']}: step {_ms(r.get('step_time_s'))}  {phases}")
+    rows = [m for m in summary.modules if m["phase"] in ("forward", "backward")][:top]
+    if rows:
+        lines.append(f"Slowest modules (per sampled step; inclusive / self; top {len(rows)}):")
+        width = max(len(f"{m['phase']} {m['module']}") for m in rows)
+        for m in rows:
+            name = f"{m['phase']} {m['module']}"
+            self_per_step = m["self_s"] / max(m.get("steps", 1), 1)
+            lines.append(
+                f"  {name:<{width}}  {_ms(m['per_step_s']):>10}  {_ms(self_per_step):>10}  "
+                f"x{m['calls'] / max(m.get('steps', 1), 1):g}  {m['module_type']}  (rank {m['rank']})"
+            )
+    counts: dict[str, int] = {}
+    for r in summary.ranks:
+        for kind, n in r.get("event_counts", {}).items():
+            counts[kind] = counts.get(kind, 0) + n
+    norms = [r.get("grad_norm") for r in summary.ranks if r.get("grad_norm") is not None]
+    lines.append(
+        "Gradient health: "
+        + (f"last total norm {norms[0]:.4g}; " if norms else "no gradient norm; ")
+        + f"spikes {counts.get('grad_spike', 0)}, non-finite {counts.get('nonfinite', 0)}, "
+        f"clipped {counts.get('grad_clip', 0)}, AMP-skipped steps {counts.get('amp_skip', 0)}"
+    )
+    shown = [e for e in summary.events if e["kind"] != "grad_clip"][:5]
+    if shown:
+        lines.append("Events (first few):")
+        for e in shown:
+            value = f" {e['value']:.4g}" if isinstance(e.get("value"), float) else ""
+            extra = f" ratio {e['ratio']}" if "ratio" in e else ""
+            where = e.get("first_module", e["module"])
+            lines.append(f"  step {e['step']} rank {e['rank']}: {e['kind']} {where} ({e['phase']}){value}{extra}")
+    if summary.world_size > 1 or len(summary.ranks) > 1:
+        s = summary.straggler
+        if s:
+            where = ", ".join(f"{m['phase']} {m['module']} +{_ms(m['extra_s_per_step'])}" for m in s["modules"][:3])
+            lines.append(f"Straggler: rank {s['rank']} at {s['ratio']:.2f}x the median step time" + (f" ({where})" if where else ""))
+        else:
+            lines.append("Stragglers: none")
+    if summary.never_called:
+        names = ", ".join(summary.never_called[:8]) + (" ..." if len(summary.never_called) > 8 else "")
+        lines.append(f"Never called: {names}")
+    for item in summary.backward_skipped[:8]:
+        lines.append(f"Full backward hooks skipped: {item['module']} ({item['reason']}); timed with tensor hooks")
+    errors = sum(r.get("hook_errors", 0) for r in summary.ranks)
+    dropped = sum(sum(r.get("dropped", {}).values()) for r in summary.ranks)
+    lines.append(f"Overhead: {summary.overhead_ratio * 100:.2f}% of step time; hook errors {errors}; dropped {dropped}")
+    for note in summary.notes:
+        lines.append(f"Note: {note}")
+    if summary.out_dir:
+        lines.append(f"Files: {summary.out_dir}/ (summary.json, rank*.steps.jsonl, rank*.trace.json)")
+    return "\n".join(lines)

@@ -1,0 +1,67 @@
+"""Build a rank's :class:`RunSummary` from the agent's state, and write ``summary.json``."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import TYPE_CHECKING
+
+from hooktrace.export.files import write_json_atomic
+from hooktrace.summary import RunSummary, merge_summaries
+
+if TYPE_CHECKING:
+    from hooktrace.agent import Agent
+
+
+def build_summary(agent: Agent) -> RunSummary:
+    """This rank's summary so far. Reads the worker's aggregates (call after the worker drained)."""
+    stats = agent.stats
+    rank = stats.rank_summary()
+    rank["dropped"] = {**rank["dropped"], **({"steps": agent.worker.dropped_steps} if agent.worker.dropped_steps else {})}
+    table = agent.recorder.table
+    called = {row["module"] for row in stats.module_rows()}
+    never = [info.display for info in table.infos if info.display not in called] if stats.sampled_steps else []
+    skipped = [
+        {"module": table.infos[i].display, "reason": reason} for i, reason in sorted(agent.recorder.full_skipped.items())
+    ]
+    notes = list(agent.notes)
+    if agent.recorder.first_error:
+        notes.append(f"{agent.recorder.hook_errors} hook errors; first: {agent.recorder.first_error}")
+    return RunSummary(
+        run_id=agent.info.run_id,
+        world_size=agent.info.world_size,
+        steps=stats.steps,
+        ranks=[rank],
+        modules=stats.module_rows(),
+        events=list(stats.events),
+        overhead_ratio=rank["overhead_ratio"],
+        never_called=never,
+        backward_skipped=skipped,
+        notes=notes,
+        out_dir=agent.out_dir if agent.config.write_files else None,
+        device=agent.info.device,
+    )
+
+
+def rank_summary_path(out_dir: str, rank: int) -> str:
+    return os.path.join(out_dir, f"rank{rank}.summary.json")
+
+
+def write_summary(out_dir: str, summary: RunSummary) -> None:
+    """Write this rank's part, then ``summary.json`` merged over every rank part present."""
+    rank = summary.ranks[0]["rank"] if summary.ranks else 0
+    write_json_atomic(rank_summary_path(out_dir, rank), summary.as_dict())
+    write_json_atomic(os.path.join(out_dir, "summary.json"), merge_dir(out_dir))
+
+
+def merge_dir(out_dir: str) -> dict[str, object]:
+    """Merge every ``rank<r>.summary.json`` in ``out_dir``."""
+    parts = []
+    for name in sorted(os.listdir(out_dir)):
+        if name.startswith("rank") and name.endswith(".summary.json"):
+            try:
+                with open(os.path.join(out_dir, name), encoding="utf-8") as handle:
+                    parts.append(json.load(handle))
+            except (OSError, ValueError):
+                continue
+    return merge_summaries(parts) if parts else {}
