@@ -13,6 +13,10 @@ if TYPE_CHECKING:
     from hooktrace.agent import Agent
 
 
+_CONTAINERS = {"ModuleList", "ModuleDict", "ParameterList", "ParameterDict"}
+"""Modules that hold others but are never called themselves."""
+
+
 def build_summary(agent: Agent) -> RunSummary:
     """This rank's summary so far. Reads the worker's aggregates (call after the worker drained)."""
     stats = agent.stats
@@ -20,7 +24,11 @@ def build_summary(agent: Agent) -> RunSummary:
     rank["dropped"] = {**rank["dropped"], **({"steps": agent.worker.dropped_steps} if agent.worker.dropped_steps else {})}
     table = agent.recorder.table
     called = {row["module"] for row in stats.module_rows()}
-    never = [info.display for info in table.infos if info.display not in called] if stats.sampled_steps else []
+    never = (
+        [i.display for i in table.infos if i.display not in called and i.type_name not in _CONTAINERS]
+        if stats.sampled_steps
+        else []
+    )
     skipped = [
         {"module": table.infos[i].display, "reason": reason} for i, reason in sorted(agent.recorder.full_skipped.items())
     ]

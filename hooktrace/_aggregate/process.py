@@ -8,7 +8,7 @@ from typing import Any
 
 from hooktrace._aggregate.step_record import ModuleSpan, StepEvent, StepRecord
 from hooktrace._aggregate.timeline import module_intervals, phase_durations, phase_intervals
-from hooktrace._record.buffer import M_BWD_END, StepBuffer
+from hooktrace._record.buffer import M_BWD, M_BWD_END, StepBuffer
 from hooktrace._record.module_table import ModuleTable
 from hooktrace.health.monitor import GradHealth, Verdict, locate_nonfinite, resolve_pairs
 from hooktrace.health.norms import GradNormCapture, resolve_norms
@@ -56,6 +56,9 @@ class StepProcessor:
             record.trace_id = self.trace_id(buf.number)
         if buf.events:
             record.spans = self._spans(buf)
+            if buf.clock is None or buf.clock.kind == "cpu":
+                record.phase_spans = phase_intervals(start, end, _align_backward_marks(buf.marks, record.spans))
+                record.phases = phase_durations(start, end, _align_backward_marks(buf.marks, record.spans))
         self._gradients(buf, record)
         if buf.skipped:
             record.events.append(StepEvent("amp_skip", "__total__", "optimizer"))
@@ -140,3 +143,21 @@ class StepProcessor:
             record.events.append(StepEvent("nonfinite", label, phase, None, {"first_module": module}))
 
 
+
+
+def _align_backward_marks(marks: list[tuple[int, int]], spans: list[ModuleSpan]) -> list[tuple[int, int]]:
+    """Start each backward phase at its first module stamp when a module hook fired just before
+    the tracker's own hook on the same tensor (same clock on CPU), so phases contain modules."""
+    starts = sorted(span.start_ns for span in spans if span.phase == "backward")
+    if not starts:
+        return marks
+    out: list[tuple[int, int]] = []
+    previous = 0
+    for mark, t in sorted(marks, key=lambda m: m[1]):
+        if mark == M_BWD:
+            earlier = [s for s in starts if previous < s < t]
+            if earlier:
+                t = earlier[0]
+        out.append((mark, t))
+        previous = t
+    return out

@@ -48,6 +48,8 @@ class StepBuffer:
     events: list[tuple[int, int, int, Any]] = field(default_factory=list)
     marks: list[tuple[int, int]] = field(default_factory=list)
     calls: dict[int, int] = field(default_factory=dict)
+    tensor_hooks: dict[int, Any] = field(default_factory=dict)
+    """id(tensor) -> (weakref, [(kind, module, call)]): one gradient hook per tensor per step."""
     anchor: tuple[Any, int] | None = None
     clock: Any = None
     """The clock that made this step's stamps (resolves them on the worker)."""

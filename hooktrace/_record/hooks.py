@@ -9,6 +9,7 @@ modules that passed the preflight. Hooks are registered on sampled steps only.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -19,6 +20,7 @@ from torch.utils.hooks import RemovableHandle
 
 from hooktrace._record.buffer import (
     BWD_END,
+    StepBuffer,
     BWD_START,
     FWD_END,
     FWD_EVAL,
@@ -33,6 +35,7 @@ if TYPE_CHECKING:
 _grad_enabled = torch.is_grad_enabled
 _graph_task_id = torch._C._current_graph_task_id
 _Tensor = torch.Tensor
+_weakref = weakref.ref
 _vector_norm = torch.linalg.vector_norm
 _float32 = torch.float32
 
@@ -51,11 +54,27 @@ def iter_tensors(value: Any) -> Iterator[torch.Tensor]:
                 yield item
 
 
+def watch_tensor(rec: Recorder, buf: StepBuffer, tensor: torch.Tensor, kind: int, index: int, call: int) -> None:
+    """One gradient hook per tensor per step, shared by every module that returned or took it.
+
+    A Sequential returns its last child's output, a block and its first child take the same
+    input, and one module's input is the previous one's output: one hook, one stamp, so these
+    backward boundaries coincide exactly and intervals nest.
+    """
+    watched = buf.tensor_hooks
+    key = id(tensor)
+    entry = watched.get(key)
+    if entry is not None and entry[0]() is tensor:
+        entry[1].append((kind, index, call))
+        return
+    targets = [(kind, index, call)]
+    watched[key] = (_weakref(tensor), targets)
+    tensor.register_hook(partial(rec.on_tensor_grad, targets))
+
+
 def make_forward_hooks(rec: Recorder, index: int, tensor_backward: bool) -> tuple[Callable[..., None], ...]:
     """Forward pre/post hooks of module ``index``; with ``tensor_backward`` they also set the
     tensor hooks that time the module's backward."""
-    on_backward = rec.on_backward
-
     def forward_pre(module: nn.Module, args: tuple[Any, ...]) -> None:
         if rec.skip():
             return None
@@ -79,7 +98,7 @@ def make_forward_hooks(rec: Recorder, index: int, tensor_backward: bool) -> tupl
                     # (ReLU(inplace=True)) cannot move the hook to the module's own output.
                     for arg in args:
                         if isinstance(arg, _Tensor) and arg.requires_grad:
-                            arg.register_hook(partial(on_backward, BWD_END, index, call))
+                            watch_tensor(rec, buf, arg, BWD_END, index, call)
             events.append((kind, index, call, rec.stamp()))
         except Exception as exc:  # never reaches training
             rec.hook_error(exc)
@@ -102,10 +121,10 @@ def make_forward_hooks(rec: Recorder, index: int, tensor_backward: bool) -> tupl
                 if first is not None and first.is_floating_point():
                     buf.output_norms.append((index, _vector_norm(first.detach(), dtype=_float32)))
             if tensor_backward and output is not None and _grad_enabled() and _graph_task_id() == -1:
-                hook = partial(on_backward, BWD_START, index, buf.calls.get(index, 1) - 1)
+                call = buf.calls.get(index, 1) - 1
                 for tensor in iter_tensors(output):
                     if tensor.requires_grad:
-                        tensor.register_hook(hook)
+                        watch_tensor(rec, buf, tensor, BWD_START, index, call)
         except Exception as exc:
             rec.hook_error(exc)
         return None

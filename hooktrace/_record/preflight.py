@@ -37,6 +37,9 @@ class Preflight:
         ):
             self.reasons[index] = "tensor inputs passed as keyword arguments"
             return
+        if not any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            self.reasons[index] = "no input requires grad"  # PyTorch would warn and fire early
+            return
         tensors = (output,) if isinstance(output, torch.Tensor) else output
         for tensor in tensors:
             if isinstance(tensor, torch.Tensor):

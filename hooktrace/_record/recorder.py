@@ -52,6 +52,7 @@ class Recorder:
         self._full_hooks: list[tuple[Callable[..., None], Callable[..., None]]] = []
         self._active: dict[int, HookSet] = {}
         self._pinned: set[int] = set()
+        self._root_labels: dict[int, tuple[str, bool]] = {}
 
     # -- hot path -------------------------------------------------------------------------------
     def on_backward(self, kind: int, index: int, call: int, grad: Any) -> None:
@@ -70,6 +71,25 @@ class Recorder:
             self.hook_error(exc)
         return None
 
+    def on_tensor_grad(self, targets: list[tuple[int, int, int]], grad: Any) -> None:
+        """Gradient hook of a watched tensor: one stamp for every module that shares the tensor."""
+        try:
+            buf = self.buf
+            events = buf.events
+            if len(events) >= MAX_EVENTS_PER_STEP:
+                buf.dropped_events += 1
+                return None
+            stamp = self.stamp()
+            for kind, index, call in targets:
+                events.append((kind, index, call, stamp))
+            if self.flow and isinstance(grad, torch.Tensor):
+                norm = _vector_norm(grad.detach(), dtype=torch.float32)
+                for kind, index, _ in targets:
+                    (buf.output_grad_norms if kind == BWD_START else buf.input_grad_norms).append((index, norm))
+        except Exception as exc:
+            self.hook_error(exc)
+        return None
+
     def hook_error(self, exc: BaseException) -> None:
         """Count a hook failure; after too many, detach (once) and say so once."""
         self.hook_errors += 1
@@ -84,9 +104,17 @@ class Recorder:
             self._on_fatal()
 
     # -- set-up (training thread, outside hooks) ------------------------------------------------
+    def refresh_roots(self) -> None:
+        """Index submodules added to the roots since they were indexed."""
+        for index, (label, descend) in list(self._root_labels.items()):
+            self.index_root(self.modules[index], label, descend)
+
     def index_root(self, root: nn.Module, label: str, descend: bool = True) -> list[tuple[int, nn.Module]]:
         """Index a root and any new submodules; builds their hooks. Returns the new modules."""
         added = self.table.add_root(root, label, descend=descend)
+        index = self.table.index_of(root)
+        if index is not None and index in self.table.roots and index not in self._root_labels:
+            self._root_labels[index] = (label, descend)
         tensor_backward = self.backward != "off"
         for index, module in added:
             self.modules.append(module)

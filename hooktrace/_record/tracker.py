@@ -146,6 +146,9 @@ class StepTracker:
         return buf
 
     def _begin_sampled(self, buf: StepBuffer) -> None:
+        start = _now()
+        self.rec.refresh_roots()  # modules added since the last sampled step
+        buf.overhead_ns += _now() - start
         buf.overhead_ns += self.rec.activate(exclude=self.roots())
         self._active = True
 
@@ -182,8 +185,6 @@ class StepTracker:
             rec = self.rec
             if rec.skip():
                 return None
-            if rec.buf.sampled:
-                forward_post(module, args, kwargs, output)
             try:
                 if not _grad_enabled():
                     if self._eval_depth > 0:
@@ -198,6 +199,8 @@ class StepTracker:
                                 tensor.register_hook(self._on_root_grad)
             except Exception as exc:
                 rec.hook_error(exc)
+            if rec.buf.sampled:
+                forward_post(module, args, kwargs, output)  # after: the phase mark precedes module stamps
             return None
 
         return root_post
@@ -264,9 +267,6 @@ class StepTracker:
             self.optimizer_seen = True
             self._pending_close = True
             self._backward_since_optimizer = False
-            if self._active:
-                buf.overhead_ns += self.rec.deactivate()
-                self._active = False
         except Exception as exc:
             self.rec.hook_error(exc)
         return None

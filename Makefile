@@ -1,0 +1,44 @@
+# hooktrace developer commands. `make demo` and `make test` work on a fresh clone.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: install demo test check lint typecheck bench dashboards clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_PIN)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/hooktrace run --metrics-port 0 examples/train_transformer.py --steps 300
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check hooktrace tests benchmarks examples grafana
+	$(VENV)/bin/ruff format --check hooktrace tests benchmarks examples grafana
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+check: lint typecheck test
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_overhead.py
+	$(PY) benchmarks/bench_attach.py
+	$(PY) benchmarks/bench_grad_norms.py
+	$(PY) benchmarks/bench_scrape.py
+
+dashboards: $(STAMP)
+	$(PY) grafana/build.py
+
+clean:
+	rm -rf $(VENV) hooktrace-runs .pytest_cache .mypy_cache .ruff_cache

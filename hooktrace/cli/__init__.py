@@ -1,0 +1,1 @@
+"""The ``hooktrace`` command line: run, report, rules, dashboards."""

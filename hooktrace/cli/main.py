@@ -1,0 +1,132 @@
+"""``hooktrace`` commands. Presentation lives in plain functions; commands stay thin."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from typing import Any
+
+import click
+
+from hooktrace._version import __version__
+from hooktrace.cli.torchrun import TORCHRUN_OPTIONS, launch_distributed
+from hooktrace.config import Config
+from hooktrace.errors import ConfigError
+
+CONFIG_OPTIONS: list[tuple[str, dict[str, Any]]] = [
+    ("--out", {"type": str, "help": "Directory of the run's files [hooktrace-runs/<run_id>]."}),
+    ("--run-id", {"type": str, "help": "Run id that joins ranks, traces and series."}),
+    ("--metrics-port", {"type": int, "help": "Base port of /metrics (port + LOCAL_RANK); 0 = off [9750]."}),
+    ("--metrics-addr", {"type": str, "help": "Bind address of /metrics [127.0.0.1]."}),
+    ("--otlp-endpoint", {"type": str, "help": "OTLP/HTTP endpoint for traces [OTEL_EXPORTER_OTLP_ENDPOINT]."}),
+    ("--sample-every", {"type": int, "help": "Per-module timing on every Nth step [10]."}),
+    ("--depth", {"type": int, "help": "Module-name depth of metric labels [3]."}),
+    ("--max-modules", {"type": int, "help": "Cap on module label values [256]."}),
+    ("--backward", {"type": click.Choice(["auto", "full", "off"]), "help": "Backward timing mode [auto]."}),
+    ("--explode-factor", {"type": float, "help": "Spike = norm > X x rolling median [10]."}),
+    ("--on-explosion", {"type": click.Choice(["warn", "clip", "raise"]), "help": "On a spike [warn]."}),
+    ("--on-nonfinite", {"type": click.Choice(["warn", "raise"]), "help": "On NaN/Inf gradients [warn]."}),
+    ("--watch", {"type": str, "multiple": True, "help": "Module/parameter name kept in full detail (repeatable)."}),
+]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="hooktrace")
+def cli() -> None:
+    """Per-module timing and gradient health for PyTorch training."""
+
+
+def _config_options(func: Any) -> Any:
+    for flag, kwargs in reversed(CONFIG_OPTIONS):
+        func = click.option(flag, default=None, **kwargs)(func)
+    return func
+
+
+def _torchrun_options(func: Any) -> Any:
+    for flag, kwargs in reversed(TORCHRUN_OPTIONS):
+        func = click.option(flag, default=None, **kwargs)(func)
+    return func
+
+
+@cli.command(context_settings={"allow_interspersed_args": False})
+@click.option("-m", "module", type=str, default=None, help="Run a library module as a script, like python -m.")
+@_config_options
+@_torchrun_options
+@click.argument("target_and_args", nargs=-1, type=click.UNPROCESSED)
+def run(module: str | None, target_and_args: tuple[str, ...], **options: Any) -> None:
+    """Run SCRIPT [ARGS]... (or -m MODULE [ARGS]...) with the agent attached.
+
+    Like python: same argv, __main__, stdin/stdout and exit code. With --nproc-per-node it
+    delegates to torchrun, each worker running the script with the agent.
+    """
+    torchrun = {k: options.pop(k) for k in list(options) if k in {o[0][2:].replace("-", "_") for o in TORCHRUN_OPTIONS}}
+    explicit = {k: v for k, v in options.items() if v is not None and v != ()}
+    try:
+        config = Config.resolve(explicit)
+    except ConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    args = list(target_and_args)
+    if module is None:
+        if not args:
+            raise click.UsageError("missing SCRIPT: hooktrace run train.py [ARGS] (or -m MODULE [ARGS])")
+        target, args = args[0], args[1:]
+        if not os.path.isfile(target):
+            raise click.UsageError(f"can't open file {target!r}: no such file; check the script path")
+    else:
+        target = module
+        if importlib.util.find_spec(module.split(".")[0]) is None:
+            raise click.UsageError(f"no module named {module!r}; check the name or run from the project directory")
+    if any(v is not None for v in torchrun.values()):
+        code = launch_distributed(config, target, args, module=module is not None, torchrun=torchrun)
+    else:
+        from hooktrace.cli.launch import run_target
+
+        code = run_target(config, target, args, module=module is not None, print_summary=True)
+    sys.exit(code)
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--top", default=10, show_default=True, help="How many modules to list.")
+@click.option("--json", "as_json", is_flag=True, help="Print summary.json instead of the text summary.")
+def report(run_dir: str, top: int, as_json: bool) -> None:
+    """Print the summary of a finished (or still running) run directory."""
+    import json
+
+    from hooktrace.summary import RunSummary
+    from hooktrace.summary_builder import merge_dir
+
+    merged = merge_dir(run_dir)
+    if not merged:
+        raise click.ClickException(f"no rank*.summary.json in {run_dir}; is it a hooktrace run directory?")
+    if as_json:
+        click.echo(json.dumps(merged, indent=1))
+    else:
+        click.echo(RunSummary.from_dict(merged).render(top))
+
+
+@cli.command()
+def rules() -> None:
+    """Print the Prometheus recording and alerting rules (pipe them into your Prometheus)."""
+    from hooktrace.assets import read_asset
+
+    click.echo(read_asset("hooktrace.rules.yml"), nl=False)
+
+
+@cli.command()
+@click.argument("out_dir", type=click.Path(file_okay=False))
+def dashboards(out_dir: str) -> None:
+    """Write the Grafana dashboards (JSON) into OUT_DIR."""
+    from hooktrace.assets import copy_dashboards
+
+    for path in copy_dashboards(out_dir):
+        click.echo(path)
+
+
+def main() -> None:
+    cli(prog_name="hooktrace")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""Shared fixtures: a clean environment for every test, and small helpers to read a run."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No HOOKTRACE_*/OTEL_*/torchrun variable from the developer's shell leaks into a test."""
+    for name in list(os.environ):
+        if name.startswith(("HOOKTRACE_", "OTEL_", "TORCHELASTIC_")) or name in {
+            "RANK", "LOCAL_RANK", "WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",
+        }:
+            monkeypatch.delenv(name, raising=False)
+
+
+def read_steps(out: Path, rank: int = 0) -> list[dict[str, Any]]:
+    with open(out / f"rank{rank}.steps.jsonl", encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def read_trace(out: Path, rank: int = 0) -> list[dict[str, Any]]:
+    text = (out / f"rank{rank}.trace.json").read_text(encoding="utf-8")
+    return json.loads(text)  # type: ignore[no-any-return]

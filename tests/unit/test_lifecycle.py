@@ -1,0 +1,231 @@
+"""Attach, detach, errors inside hooks, and the step cases the tracker must get right."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.modules import module as module_mod
+from torch.optim import optimizer as optimizer_mod
+
+import hooktrace
+from tests import zoo
+from tests.conftest import read_steps
+
+
+def _hook_counts(model: nn.Module) -> int:
+    total = 0
+    for m in model.modules():
+        total += len(m._forward_pre_hooks) + len(m._forward_hooks) + len(m._backward_hooks)
+        total += len(m._backward_pre_hooks) + len(m._forward_hooks_always_called)
+    return total
+
+
+def _global_hooks() -> int:
+    return (
+        len(module_mod._global_forward_pre_hooks)
+        + len(module_mod._global_forward_hooks)
+        + len(optimizer_mod._global_optimizer_pre_hooks)
+        + len(optimizer_mod._global_optimizer_post_hooks)
+    )
+
+
+def _train(model: nn.Module, steps: int, opt: torch.optim.Optimizer | None = None) -> None:
+    opt = opt or torch.optim.SGD(model.parameters(), lr=0.01)
+    for step in range(steps):
+        opt.zero_grad()
+        model(zoo.make_batch(step, model)).pow(2).mean().backward()
+        opt.step()
+
+
+def test_detach_leaves_the_model_exactly_as_before(tmp_path: Path) -> None:
+    model = zoo.TwiceNet()
+    before_attrs = {name: set(vars(m)) for name, m in model.named_modules()}
+    before_globals = _global_hooks()
+    agent = hooktrace.attach(model, out=str(tmp_path), metrics_port=0, sample_every=1)
+    _train(model, 2)
+    assert _hook_counts(model) > 0
+    agent.detach()
+    assert _hook_counts(model) == 0
+    assert _global_hooks() == before_globals
+    assert {name: set(vars(m)) for name, m in model.named_modules()} == before_attrs
+    agent.close()
+
+
+def test_attaching_twice_returns_the_same_agent_and_other_options_are_refused(tmp_path: Path) -> None:
+    model = zoo.TwiceNet()
+    agent = hooktrace.attach(model, out=str(tmp_path), metrics_port=0)
+    assert hooktrace.attach(model) is agent
+    with pytest.raises(hooktrace.AttachError, match="already attached"):
+        hooktrace.attach(model, sample_every=3)
+    model.apply(agent.instrument)  # by hand, again: still one set of hooks
+    _train(model, 2)
+    assert agent.close().steps == 2
+
+
+@pytest.mark.parametrize(
+    ("thing", "message"),
+    [
+        ([1, 2], "needs a torch.nn.Module, got list"),
+        (nn.ReLU(), "has no parameters"),
+        ("scripted", "TorchScript"),
+    ],
+)
+def test_things_hooks_cannot_work_on_are_refused_with_a_fix(thing: Any, message: str) -> None:
+    if thing == "scripted":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script is deprecated in 2.13
+            thing = torch.jit.script(nn.Linear(2, 2))
+    with pytest.raises(hooktrace.AttachError, match=message):
+        hooktrace.attach(thing, metrics_port=0, write_files=False)
+
+
+def test_a_raising_hook_never_reaches_the_training_loop(tmp_path: Path) -> None:
+    bare, _ = zoo.train(zoo.TwiceNet)
+
+    def broken(model: nn.Module) -> hooktrace.Agent:
+        agent = hooktrace.attach(model, out=str(tmp_path), metrics_port=0, sample_every=1)
+
+        def explode() -> int:
+            raise RuntimeError("clock broke")
+
+        agent.recorder.stamp = explode
+        return agent
+
+    traced, agent = zoo.train(zoo.TwiceNet, attach=broken)
+    summary = agent.close()
+    assert traced == bare
+    assert summary.ranks[0]["hook_errors"] > 0
+    assert any("clock broke" in note for note in summary.notes)
+
+
+def test_repeated_hook_errors_detach_the_agent_and_say_so_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = zoo.SleepyNet(0, 0)
+    agent = hooktrace.attach(model, out=str(tmp_path), metrics_port=0, sample_every=1)
+
+    def explode() -> int:
+        raise RuntimeError("boom")
+
+    agent.recorder.stamp = explode
+    _train(model, 30)
+    assert _hook_counts(model) == 0
+    assert capsys.readouterr().err.count("detaching to protect training") == 1
+    agent.close()
+
+
+def test_apply_instrument_finds_the_root_on_its_first_forward(tmp_path: Path) -> None:
+    model = zoo.TwiceNet()
+    agent = hooktrace.Agent(out=str(tmp_path), metrics_port=0, sample_every=1)
+    model.apply(agent.instrument)
+    _train(model, 3)
+    summary = agent.close()
+    assert summary.steps == 3
+    assert {m["module"] for m in summary.modules} >= {"TwiceNet", "block", "block.0", "out"}
+    block = next(m for m in summary.modules if m["module"] == "block" and m["phase"] == "forward")
+    assert block["calls"] == 6  # called twice per step, three sampled steps
+
+
+def test_two_models_each_get_instrumented_and_named(tmp_path: Path) -> None:
+    gen, disc = nn.Sequential(nn.Linear(4, 8), nn.Tanh()), nn.Sequential(nn.Linear(8, 1))
+    agent = hooktrace.Agent(out=str(tmp_path), metrics_port=0, sample_every=1)
+    agent.attach(gen)
+    agent.attach(disc)
+    g_opt, d_opt = torch.optim.SGD(gen.parameters(), lr=0.01), torch.optim.SGD(disc.parameters(), lr=0.01)
+    for _ in range(2):
+        d_opt.zero_grad()
+        disc(gen(torch.randn(4, 4)).detach()).mean().backward()
+        d_opt.step()
+        g_opt.zero_grad()
+        (-disc(gen(torch.randn(4, 4)))).mean().backward()
+        g_opt.step()
+    names = {m["module"] for m in agent.close().modules}
+    assert {"0", "Sequential2", "Sequential2.0"} <= names
+
+
+def test_eval_calls_are_kept_apart_from_training_steps(tmp_path: Path) -> None:
+    model = zoo.TwiceNet()
+    agent = hooktrace.attach(model, out=str(tmp_path), metrics_port=0, sample_every=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for step in range(3):
+        opt.zero_grad()
+        model(zoo.make_batch(step, model)).mean().backward()
+        opt.step()
+        with torch.no_grad():
+            model(zoo.make_batch(99, model))
+    summary = agent.close()
+    assert summary.steps == 3
+    phases = {m["phase"] for m in summary.modules if m["module"] == "block"}
+    assert phases == {"forward", "backward", "eval"}
+    assert all(step["micro_batches"] == 1 for step in read_steps(tmp_path))
+
+
+def test_checkpoint_recompute_is_labelled_and_not_counted_as_forward(tmp_path: Path) -> None:
+    _, agent = zoo.train(
+        zoo.CheckpointNet, steps=2,
+        attach=lambda m: hooktrace.attach(m, out=str(tmp_path), metrics_port=0, sample_every=1),
+    )
+    rows = {(m["module"], m["phase"]): m for m in agent.close().modules}
+    assert rows[("block.0", "forward")]["calls"] == 2
+    assert rows[("block.0", "recompute")]["calls"] == 2
+
+
+def test_modules_never_called_are_reported(tmp_path: Path) -> None:
+    model = zoo.TwiceNet()
+    model.unused = nn.Linear(3, 3)
+    agent = hooktrace.attach(model, out=str(tmp_path), metrics_port=0, sample_every=1)
+    _train(model, 2)
+    assert agent.close().never_called == ["unused"]
+
+
+def test_modules_added_after_attach_are_picked_up_on_the_next_sampled_step(tmp_path: Path) -> None:
+    class Growing(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first = nn.Linear(8, 8)
+            self.extra: nn.Module = nn.Identity()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.extra(self.first(x))
+
+    model = Growing()
+    agent = hooktrace.attach(model, out=str(tmp_path), metrics_port=0, sample_every=1)
+    _train(model, 1)
+    model.extra = nn.Linear(8, 8)
+    _train(model, 2)
+    assert any(m["module"] == "extra" and m["module_type"] == "Linear" for m in agent.close().modules)
+
+
+def test_gradscaler_skipped_steps_are_closed_and_counted(tmp_path: Path) -> None:
+    model = zoo.TwiceNet()
+    agent = hooktrace.attach(model, out=str(tmp_path), metrics_port=0, sample_every=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    for step in range(4):
+        opt.zero_grad()
+        loss = model(zoo.make_batch(step, model)).mean()
+        if step == 2:
+            loss = loss * float("inf")
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    agent.close()
+    steps = read_steps(tmp_path)
+    assert len(steps) == 4
+    assert [s.get("skipped", False) for s in steps] == [False, False, True, False]
+    assert [e["kind"] for e in steps[2]["events"]] == ["amp_skip"]
+
+
+def test_a_compiled_model_is_timed_at_its_boundary_and_warns_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = torch.compile(zoo.TwiceNet(), backend="eager")
+    agent = hooktrace.attach(model, out=str(tmp_path), metrics_port=0, sample_every=1)
+    _train(model, 3)
+    summary = agent.close()
+    assert summary.steps == 3
+    assert {m["module"] for m in summary.modules} == {"OptimizedModule"}
+    assert capsys.readouterr().err.count("torch.compile'd") == 1
