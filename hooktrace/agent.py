@@ -44,6 +44,10 @@ _LIVE: weakref.WeakKeyDictionary[nn.Module, Agent] = weakref.WeakKeyDictionary()
 """Root module -> the live agent watching it, so attaching twice returns the same agent."""
 
 
+HUNT_STEPS = 10
+"""After a non-finite gradient on an unsampled step, this many steps are sampled deeply."""
+
+
 def existing_agent(model: nn.Module) -> Agent | None:
     agent = _LIVE.get(model)
     return agent if agent is not None and not agent._detached else None
@@ -337,6 +341,8 @@ class Agent:
                 print(f"hooktrace: gradient spike at step {record.step} (rank {record.rank}): {event.module} "
                       f"norm {event.value:.4g}, {ratio}x its rolling median", file=sys.stderr)
             elif event.kind == "nonfinite":
+                if event.phase == "unknown":
+                    self.recorder.hunt = HUNT_STEPS  # sample the next steps deeply to find the source
                 print(f"hooktrace: non-finite gradient at step {record.step} (rank {record.rank}): first in "
                       f"{event.phase} of {event.detail.get('first_module', event.module)}", file=sys.stderr)
 

@@ -242,14 +242,15 @@ def prometheus_config(
         "global": {"scrape_interval": interval, "scrape_timeout": interval, "evaluation_interval": interval},
         "rule_files": [str(Path(f).resolve()) for f in rule_files],
     }
-    job: dict[str, Any] = {"job_name": "hooktrace"}
+    # honor_labels: the agent's series carry run_id and rank, and so do its file_sd targets.
+    job: dict[str, Any] = {"job_name": "hooktrace", "honor_labels": True}
     if scrape_targets_file is not None:
         job["file_sd_configs"] = [
             {"files": [str(Path(scrape_targets_file).resolve())], "refresh_interval": "1s"}
         ]
     if static_targets:
         job["static_configs"] = [{"targets": list(static_targets)}]
-    if len(job) > 1:
+    if len(job) > 2:
         config["scrape_configs"] = [job]
     if alertmanager_url is not None:
         host_port = urllib.parse.urlsplit(alertmanager_url).netloc

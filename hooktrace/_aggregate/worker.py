@@ -47,6 +47,8 @@ class Worker:
         self.process_errors = 0
         self.first_error: str | None = None
         self.started = False
+        for exporter in exporters:
+            stats.export_errors[exporter.name] += 0  # a zero series per exporter from the start
 
     def start(self) -> None:
         if not self.started:

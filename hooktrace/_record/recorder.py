@@ -46,7 +46,10 @@ class Recorder:
         self.hook_errors = 0
         self.first_error: str | None = None
         self.flow = False
-        """Sampled steps: record output/gradient norms for gradient flow and non-finite localisation."""
+        """Deep steps: record output and gradient norms per module (gradient flow, NaN localisation).
+        One reduction per module output and gradient: too costly for every sampled step on CPU."""
+        self.hunt = 0
+        """Steps left in which every step is sampled deeply, after a non-finite gradient was seen."""
         self._on_fatal = on_fatal
         self._forward_hooks: list[tuple[Callable[..., None], ...]] = []
         self._full_hooks: list[tuple[Callable[..., None], Callable[..., None]]] = []
@@ -145,7 +148,6 @@ class Recorder:
     def activate(self, exclude: set[int]) -> int:
         """Register per-module hooks for a sampled step; returns the time it took (ns)."""
         start = time.perf_counter_ns()
-        self.flow = True
         for index in range(len(self.modules)):
             if index not in exclude and index not in self._active:
                 self._register(index)

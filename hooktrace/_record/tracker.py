@@ -30,6 +30,9 @@ from hooktrace._record.buffer import (
 from hooktrace._record.hooks import iter_tensors
 from hooktrace._record.recorder import Recorder
 
+FLOW_EVERY = 10
+"""Every 10th sampled step (and step 1) is deep: per-module output and gradient norms."""
+
 _now = time.perf_counter_ns
 _grad_enabled = torch.is_grad_enabled
 _graph_task_id = torch._C._current_graph_task_id
@@ -128,8 +131,9 @@ class StepTracker:
         if self._active:
             buf.overhead_ns += self.rec.deactivate()
             self._active = False
+        self.rec.flow = False
         number = buf.number + 1
-        sampled = (number - 1) % self.sample_every == 0
+        sampled = (number - 1) % self.sample_every == 0 or self.rec.hunt > 0
         nxt = StepBuffer(number=number, sampled=sampled, start_ns=end, marks=carry)
         nxt.clock = self.rec.clock
         nxt.anchor = self.rec.clock.anchor()
@@ -147,6 +151,10 @@ class StepTracker:
 
     def _begin_sampled(self, buf: StepBuffer) -> None:
         start = _now()
+        sampled_index = (buf.number - 1) // self.sample_every
+        self.rec.flow = sampled_index % FLOW_EVERY == 0 or self.rec.hunt > 0
+        if self.rec.hunt > 0:
+            self.rec.hunt -= 1
         self.rec.refresh_roots()  # modules added since the last sampled step
         buf.overhead_ns += _now() - start
         buf.overhead_ns += self.rec.activate(exclude=self.roots())

@@ -53,6 +53,7 @@ def run_target(config: Config, target: str, args: list[str], *, module: bool, pr
         agent.discover()
         if module:
             sys.argv = [target, *args]
+            sys.path[0] = os.getcwd()  # like python -m: the current directory comes first
             runpy.run_module(target, run_name="__main__", alter_sys=True)
         else:
             sys.argv = [target, *args]

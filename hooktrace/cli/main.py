@@ -50,11 +50,11 @@ def _torchrun_options(func: Any) -> Any:
 
 
 @cli.command(context_settings={"allow_interspersed_args": False})
-@click.option("-m", "module", type=str, default=None, help="Run a library module as a script, like python -m.")
+@click.option("-m", "as_module", is_flag=True, help="Run library module MODULE as a script, like python -m.")
 @_config_options
 @_torchrun_options
 @click.argument("target_and_args", nargs=-1, type=click.UNPROCESSED)
-def run(module: str | None, target_and_args: tuple[str, ...], **options: Any) -> None:
+def run(as_module: bool, target_and_args: tuple[str, ...], **options: Any) -> None:
     """Run SCRIPT [ARGS]... (or -m MODULE [ARGS]...) with the agent attached.
 
     Like python: same argv, __main__, stdin/stdout and exit code. With --nproc-per-node it
@@ -67,15 +67,19 @@ def run(module: str | None, target_and_args: tuple[str, ...], **options: Any) ->
     except ConfigError as exc:
         raise click.UsageError(str(exc)) from None
     args = list(target_and_args)
+    if not args:
+        what = "MODULE: hooktrace run -m mypkg.train [ARGS]" if as_module else "SCRIPT: hooktrace run train.py [ARGS]"
+        raise click.UsageError(f"missing {what}")
+    target, args = args[0], args[1:]
+    module = target if as_module else None
     if module is None:
-        if not args:
-            raise click.UsageError("missing SCRIPT: hooktrace run train.py [ARGS] (or -m MODULE [ARGS])")
-        target, args = args[0], args[1:]
         if not os.path.isfile(target):
             raise click.UsageError(f"can't open file {target!r}: no such file; check the script path")
     else:
-        target = module
-        if importlib.util.find_spec(module.split(".")[0]) is None:
+        sys.path.insert(0, os.getcwd())
+        found = importlib.util.find_spec(module.split(".")[0]) is not None
+        sys.path.pop(0)
+        if not found:
             raise click.UsageError(f"no module named {module!r}; check the name or run from the project directory")
     if any(v is not None for v in torchrun.values()):
         code = launch_distributed(config, target, args, module=module is not None, torchrun=torchrun)
