@@ -35,7 +35,7 @@ from hooktrace.errors import AttachError, GradientExplosionError, NonFiniteGradi
 from hooktrace.export.base import Exporter
 from hooktrace.health.guard import SyncGuard
 from hooktrace.health.monitor import GradHealth
-from hooktrace.health.norms import GradNormCapture
+from hooktrace.health.norms import GradNormCapture, capture_buffer_norms
 from hooktrace.summary import RunSummary
 from hooktrace.summary_builder import build_summary, write_summary
 
@@ -319,6 +319,8 @@ class Agent:
         start = time.perf_counter_ns()
         try:
             buf.grad_norms, buf.grad_present, buf.grad_ready = self.capture.capture()
+            if buf.sampled:
+                buf.buffer_norms = capture_buffer_norms(self.recorder.table)
             if self.guard is not None:
                 self.guard.check(buf)
         except (GradientExplosionError, NonFiniteGradientError):

@@ -74,6 +74,9 @@ class Config:
     """What to do on a NaN/Inf gradient: warn or raise."""
     watch: tuple[str, ...] = ()
     """Module or parameter names (``get_submodule``/``get_parameter``) kept in full detail always."""
+    trace_ranks: str = "auto"
+    """Ranks whose spans carry phase and module detail: ``auto`` (every rank up to 8 ranks, else rank
+    0 and the slowest) or a comma list like ``0,3``. A string, so that it travels as one env value."""
     write_files: bool = True
     """Write ``rank<r>.trace.json``, ``rank<r>.steps.jsonl`` and ``summary.json`` under ``out``."""
     print_summary: bool = False
@@ -102,6 +105,7 @@ class Config:
                 raise ConfigError(
                     f"{_where(name)} must be one of {', '.join(choices)}, got {getattr(self, name)!r}"
                 )
+        self.trace_ranks = _normal_trace_ranks(self.trace_ranks)
         if self.run_id is not None and (not self.run_id or "/" in self.run_id):
             raise ConfigError(f"{_where('run_id')} must be a non-empty name without '/', got {self.run_id!r}")
 
@@ -129,6 +133,40 @@ class Config:
     def out_dir(self) -> str:
         """The directory the run's files go to."""
         return self.out or os.path.join("hooktrace-runs", self.run_id or "run")
+
+
+AUTO_TRACE_RANKS = "auto"
+
+
+def _normal_trace_ranks(value: object) -> str:
+    """``"auto"`` or a canonical ``"0,3"``; a sequence of ints from Python is accepted too."""
+    if isinstance(value, str) and value.strip().lower() == AUTO_TRACE_RANKS:
+        return AUTO_TRACE_RANKS
+    parts: list[object]
+    if isinstance(value, str):
+        parts = [part.strip() for part in value.split(",")]
+    elif isinstance(value, (list, tuple)):
+        parts = list(value)
+    else:
+        parts = [value]
+    ranks: set[int] = set()
+    for part in parts:
+        if isinstance(part, bool) or not (
+            (isinstance(part, int) and part >= 0) or (isinstance(part, str) and part.isdigit())
+        ):
+            # raise, not skip: a typo here would silently trace nothing on the intended ranks
+            raise ConfigError(
+                f"{_where('trace_ranks')} must be auto or a comma list of ranks like 0,3, got {value!r}"
+            )
+        ranks.add(int(part))
+    return ",".join(str(rank) for rank in sorted(ranks))
+
+
+def trace_rank_list(value: str) -> tuple[int, ...] | None:
+    """The ranks of a normalised ``trace_ranks`` value; ``None`` means auto."""
+    if value == AUTO_TRACE_RANKS:
+        return None
+    return tuple(int(part) for part in value.split(","))
 
 
 def _parse(name: str, raw: str) -> Any:

@@ -50,6 +50,10 @@ HOOKTRACE_ON_NONFINITE = "HOOKTRACE_ON_NONFINITE"
 HOOKTRACE_WATCH = "HOOKTRACE_WATCH"
 """Comma-separated module/parameter names always kept in full detail. Default: none."""
 
+HOOKTRACE_TRACE_RANKS = "HOOKTRACE_TRACE_RANKS"
+"""Ranks that emit span detail: comma-separated ranks (``0,3``) or ``auto`` (every rank up to 8
+ranks, else rank 0 and the slowest). Rank 0 always emits the root ``step {n}`` span. Default: auto."""
+
 CONFIG_ENV: dict[str, str] = {
     "out": HOOKTRACE_OUT,
     "run_id": HOOKTRACE_RUN_ID,
@@ -64,6 +68,7 @@ CONFIG_ENV: dict[str, str] = {
     "on_explosion": HOOKTRACE_ON_EXPLOSION,
     "on_nonfinite": HOOKTRACE_ON_NONFINITE,
     "watch": HOOKTRACE_WATCH,
+    "trace_ranks": HOOKTRACE_TRACE_RANKS,
 }
 """Config field -> the environment variable that sets it."""
 

@@ -96,6 +96,11 @@ class StepProcessor:
         return spans
 
     def _gradients(self, buf: StepBuffer, record: StepRecord) -> None:
+        if buf.buffer_norms is not None and buf.buffer_norms[0] is not None:
+            values = buf.buffer_norms[0].tolist()
+            record.buffer_norms = {
+                name: v for name, v in zip(buf.buffer_norms[1], values, strict=True) if math.isfinite(v)
+            }
         params = self.capture.params()
         verdict: Verdict | None = buf.health
         if verdict is None:
@@ -131,6 +136,7 @@ class StepProcessor:
                 resolve_pairs(buf.output_grad_norms),
                 verdict.nonfinite_params,
                 params,
+                buf.grad_present,
             )
             if where is not None:
                 module, phase = infos[where[0]].display, where[1]

@@ -71,6 +71,8 @@ class StepRecord:
     param_grad_norms: dict[str, float] = field(default_factory=dict)
     output_grad_norms: dict[str, float] = field(default_factory=dict)
     """Sampled steps: ‖grad_output‖ per module label (largest over calls): the gradient flow."""
+    buffer_norms: dict[str, float] = field(default_factory=dict)
+    """Sampled steps: norms of floating-point buffers (BatchNorm running statistics, ...)."""
     spans: list[ModuleSpan] = field(default_factory=list)
     events: list[StepEvent] = field(default_factory=list)
     trace_id: str | None = None
@@ -101,6 +103,8 @@ class StepRecord:
             out["param_grad_norms"] = self.param_grad_norms
         if self.output_grad_norms:
             out["output_grad_norms"] = self.output_grad_norms
+        if self.buffer_norms:
+            out["buffer_norms"] = self.buffer_norms
         if self.skipped:
             out["skipped"] = True
         if self.trace_id:

@@ -76,6 +76,8 @@ class StepBuffer:
     input_grad_norms: list[tuple[int, Any]] = field(default_factory=list)
     """Sampled steps: ‖grad_input‖ per module call, in backward order."""
     output_norms: list[tuple[int, Any]] = field(default_factory=list)
-    """Sampled steps: ‖output‖ per module call, in forward completion order (finiteness check)."""
+    """Sampled steps: sum of each module output, in forward completion order (finiteness check)."""
+    buffer_norms: Any = None
+    """Sampled steps: (stacked norms of floating-point buffers, their names)."""
     grad_present: list[int] = field(default_factory=list)
     """Positions (in the parameter list) of the parameters whose norms are in ``grad_norms``."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from hooktrace._aggregate.snapshot import OTHER
@@ -44,7 +45,9 @@ class ModuleInfo:
     label: str = ""
     """``module`` label value: the display name cut to --depth, or ``__other__`` past --max-modules."""
     params: list[tuple[str, nn.Parameter]] = field(default_factory=list)
-    """This module's own (not recursive) parameters that require grad, with cleaned full names."""
+    """This module's own (not recursive) parameters, with cleaned full names (tied ones once)."""
+    buffers: list[tuple[str, torch.Tensor]] = field(default_factory=list)
+    """This module's own floating-point buffers (e.g. BatchNorm running statistics)."""
 
 
 class ModuleTable:
@@ -108,6 +111,9 @@ class ModuleTable:
                 self._seen_params.add(id(param))
                 full = clean_name(".".join(part for part in (root_label, name, pname) if part))
                 info.params.append((full, param))
+            for bname, buffer in module.named_buffers(recurse=not descend):
+                if buffer is not None and buffer.is_floating_point():
+                    info.buffers.append((clean_name(".".join(p for p in (root_label, name, bname) if p)), buffer))
             self.infos.append(info)
             self.by_id[id(module)] = index
             added.append((index, module))

@@ -48,6 +48,8 @@ class Recorder:
         self.flow = False
         """Deep steps: record output and gradient norms per module (gradient flow, NaN localisation).
         One reduction per module output and gradient: too costly for every sampled step on CPU."""
+        self.check_outputs = False
+        """Sampled steps: keep a sum of each module output, to name where a NaN/Inf started."""
         self.hunt = 0
         """Steps left in which every step is sampled deeply, after a non-finite gradient was seen."""
         self._on_fatal = on_fatal

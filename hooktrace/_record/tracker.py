@@ -132,6 +132,7 @@ class StepTracker:
             buf.overhead_ns += self.rec.deactivate()
             self._active = False
         self.rec.flow = False
+        self.rec.check_outputs = False
         number = buf.number + 1
         sampled = (number - 1) % self.sample_every == 0 or self.rec.hunt > 0
         nxt = StepBuffer(number=number, sampled=sampled, start_ns=end, marks=carry)
@@ -153,6 +154,7 @@ class StepTracker:
         start = _now()
         sampled_index = (buf.number - 1) // self.sample_every
         self.rec.flow = sampled_index % FLOW_EVERY == 0 or self.rec.hunt > 0
+        self.rec.check_outputs = True
         if self.rec.hunt > 0:
             self.rec.hunt -= 1
         self.rec.refresh_roots()  # modules added since the last sampled step

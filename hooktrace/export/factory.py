@@ -42,4 +42,18 @@ def make_exporters(agent: Agent) -> list[Exporter]:
                 info=agent.info,
             )
         )
+    if cfg.otlp_endpoint:
+        from hooktrace.export.otel import OtelExporter
+
+        exporters.append(
+            OtelExporter(
+                cfg.otlp_endpoint,
+                info=agent.info,
+                restart_count=agent.placement.restart_count,
+                depth=cfg.depth,
+                trace_ranks=cfg.trace_ranks,
+                watch=cfg.watch,
+                stats=agent.stats,
+            )
+        )
     return exporters

@@ -92,30 +92,36 @@ class GradHealth:
 
 
 def locate_nonfinite(
-    output_norms: list[tuple[int, float]],
+    output_sums: list[tuple[int, float]],
     input_grad_norms: list[tuple[int, float]],
     output_grad_norms: list[tuple[int, float]],
     nonfinite_params: list[int],
     params: list[ParamRef],
+    present: list[int],
 ) -> tuple[int, str] | None:
     """``(module index, phase)`` of the first module that produced a non-finite value.
 
-    Forward first: the first module output (in completion order, so the innermost module) that
-    is non-finite. Else backward: the first module, in backward order, whose input gradient is
-    non-finite though its output gradient was finite. Else the owner of a non-finite parameter
-    gradient whose output gradient was finite. None when nothing was recorded (unsampled step).
+    Forward first (sampled steps): the first module output, in completion order (so the
+    innermost module), whose sum is non-finite. Else backward: on deep steps, the first module
+    in backward order whose input gradient is non-finite though its output gradient was finite;
+    on any step, the parameter gradients tell it: a NaN made in backward spreads only to the
+    modules before it, so the culprit is the last module (in module order) whose parameter
+    gradients are non-finite while a later module's are finite. None when this cannot be told.
     """
-    for index, value in output_norms:
+    for index, value in output_sums:
         if not math.isfinite(value):
             return index, "forward"
     finite_out = {index for index, value in output_grad_norms if math.isfinite(value)}
     for index, value in input_grad_norms:
         if not math.isfinite(value) and index in finite_out:
             return index, "backward"
-    for pos in nonfinite_params:
-        module = params[pos].module
-        if module in finite_out:
-            return module, "backward"
+    bad = set(nonfinite_params)
+    bad_modules = {params[pos].module for pos in bad}
+    good_modules = {params[pos].module for pos in present if pos not in bad}
+    if bad_modules and good_modules:
+        latest_bad = max(bad_modules)
+        if any(module > latest_bad for module in good_modules):
+            return latest_bad, "backward"
     return None
 
 

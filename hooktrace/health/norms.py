@@ -71,6 +71,21 @@ class GradNormCapture:
         return stacked, present, None
 
 
+def capture_buffer_norms(table: ModuleTable) -> tuple[Any, list[str]]:
+    """Norms of every floating-point buffer (sampled steps): one ``_foreach_norm``, no sync."""
+    names: list[str] = []
+    tensors: list[torch.Tensor] = []
+    for info in table.infos:
+        for name, buffer in info.buffers:
+            names.append(name)
+            tensors.append(buffer.detach())
+    if not tensors:
+        return None, names
+    norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
+    device = norms[0].device
+    return torch.stack([n.to(device) for n in norms]), names
+
+
 def resolve_norms(norms: Any, ready: Any) -> list[float]:
     """Host floats of a captured norms tensor (worker thread: may wait for the copy)."""
     if norms is None:

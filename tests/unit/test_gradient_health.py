@@ -1,0 +1,206 @@
+"""Gradient health: norms against a float64 reference, spikes, clipping, raising, NaN sources."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import hooktrace
+from tests import zoo
+from tests.conftest import read_steps
+
+
+def _reference(model: nn.Module) -> tuple[float, dict[str, float]]:
+    """Total and per-module (own parameters, tied ones at their first owner) norms in float64."""
+    seen: set[int] = set()
+    per_module: dict[str, float] = {}
+    total = 0.0
+    for name, module in model.named_modules():
+        sq = 0.0
+        for param in module.parameters(recurse=False):
+            if id(param) in seen or param.grad is None:
+                continue
+            seen.add(id(param))
+            sq += float(param.grad.double().pow(2).sum())
+        if any(True for _ in module.parameters(recurse=False)):
+            per_module[name or type(model).__name__] = math.sqrt(sq)
+        total += sq
+    return math.sqrt(total), per_module
+
+
+@pytest.mark.parametrize("factory", [zoo.TiedNet, zoo.FrozenNet, zoo.TwiceNet])
+def test_norms_equal_an_independent_float64_reference(factory: Any, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = factory()
+    agent = hooktrace.attach(model, out=str(tmp_path), metrics_port=0, sample_every=1, depth=9)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    refs = []
+    for step in range(3):
+        opt.zero_grad()
+        model(zoo.make_batch(step, model)).pow(2).mean().backward()
+        opt.step()  # lr 0: gradients stay as they were at the optimizer step
+        per_param = {n: float(p.grad.double().norm()) for n, p in model.named_parameters() if p.grad is not None}
+        refs.append((*_reference(model), per_param))
+    agent.close()
+    for record, (total, per_module, per_param) in zip(read_steps(tmp_path), refs, strict=True):
+        assert record["grad_norm"] == pytest.approx(total, rel=1e-5)
+        expected = {k: v for k, v in per_module.items() if v > 0}
+        assert record["module_grad_norms"] == pytest.approx(expected, rel=1e-5)
+        assert record["param_grad_norms"] == pytest.approx(per_param, rel=1e-5)
+
+
+def _explode_run(tmp_path: Path, *, module_only: bool = False, attach: bool = True, steps: int = 40,
+                 **options: Any) -> tuple[list[float], list[torch.Tensor], Any]:
+    """40 steps of noisy but healthy SGD on an MLP; at step 30 the gradient explodes: of the whole
+    model (the loss x 1e4), or of ``model[2].weight`` only (a tensor hook x 1e4)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 1))
+    agent = hooktrace.attach(model, out=str(tmp_path), metrics_port=0, **options) if attach else None
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    losses, snapshots = [], []
+    current = {"step": 0}
+
+    def blow_up(grad: torch.Tensor) -> torch.Tensor | None:
+        return grad * 1e4 if current["step"] == 30 else None
+
+    if module_only:
+        model[2].weight.register_hook(blow_up)
+    for step in range(1, steps + 1):
+        current["step"] = step
+        gen = torch.Generator().manual_seed(step)
+        x = torch.randn(8, 16, generator=gen) * (1 + (step % 3))  # noisy scale
+        loss = model(x).pow(2).mean()
+        if step == 30 and not module_only:
+            loss = loss * 1e4
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        snapshots.append(torch.cat([p.detach().flatten().clone() for p in model.parameters()]))
+    return losses, snapshots, agent
+
+
+def test_a_spike_is_detected_on_exactly_its_step_and_nowhere_before(tmp_path: Path, capsys: Any) -> None:
+    _, _, agent = _explode_run(tmp_path, steps=30)  # after the spike the weights are wrecked: stop there
+    agent.close()
+    spikes = [r["step"] for r in read_steps(tmp_path) if any(e["kind"] == "grad_spike" for e in r["events"])]
+    assert spikes == [30]
+    record = read_steps(tmp_path)[29]
+    total = next(e for e in record["events"] if e["module"] == "__total__")
+    assert total["ratio"] > 10 and total["value"] == pytest.approx(record["grad_norm"])
+    err = capsys.readouterr().err
+    assert "gradient spike at step 30 (rank 0): __total__" in err
+
+
+def test_clip_scales_only_the_offending_tensor_before_the_optimizer_step(tmp_path: Path) -> None:
+    bare_losses, bare, _ = _explode_run(tmp_path, module_only=True, attach=False)
+    losses, clipped, agent = _explode_run(tmp_path, module_only=True, on_explosion="clip")
+    agent.close()
+    assert losses[:30] == bare_losses[:30]
+    sizes = [32 * 16, 32, 32 * 32, 32, 32, 1]
+    offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+
+    def part(flat: torch.Tensor, i: int) -> torch.Tensor:
+        return flat[offsets[i]:offsets[i + 1]]
+
+    # At step 30 only model[2].weight (part 2) differs from the unclipped run.
+    for i in range(len(sizes)):
+        same = torch.equal(part(bare[29], i), part(clipped[29], i))
+        assert same == (i != 2), i
+    events = [e for r in read_steps(tmp_path) for e in r["events"] if e["kind"] == "grad_clip"]
+    assert [(e["param"], e["module"]) for e in events] == [("2.weight", "2")]
+    assert events[0]["clipped_to"] < events[0]["value"] / 100
+
+
+def test_raise_stops_training_at_the_spike_step_naming_modules(tmp_path: Path) -> None:
+    with pytest.raises(hooktrace.GradientExplosionError) as info:
+        _explode_run(tmp_path, on_explosion="raise")
+    assert info.value.step == 30
+    assert "__total__" in info.value.norms
+    assert "gradient explosion at step 30" in str(info.value)
+
+
+class NaNAt(nn.Module):
+    """Produces NaN in forward (``where="forward"``) or only in backward at a given call."""
+
+    class _BackwardNaN(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+            return grad * float("nan")
+
+    def __init__(self, at: int, where: str) -> None:
+        super().__init__()
+        self.at, self.where, self.calls = at, where, 0
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        y = self.lin(x)
+        if self.calls == self.at:
+            y = y * float("nan") if self.where == "forward" else NaNAt._BackwardNaN.apply(y)
+        return y
+
+
+@pytest.mark.parametrize(
+    ("where", "at", "sample_every", "named"),
+    [
+        ("forward", 4, 1, {"2"}),  # sampled step: module output sums
+        ("backward", 1, 1, {"2"}),  # deep step: input vs output gradient norms
+        ("backward", 4, 10, {"2", "2.lin"}),  # unsampled step: parameter gradients, innermost owner
+    ],
+)
+def test_the_first_non_finite_module_is_named_in_the_right_phase(
+    where: str, at: int, sample_every: int, named: set[str], tmp_path: Path
+) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), NaNAt(at=at, where=where), nn.Tanh(), nn.Linear(8, 1))
+    agent = hooktrace.attach(model, out=str(tmp_path), metrics_port=0, sample_every=sample_every)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for _ in range(at):
+        opt.zero_grad()
+        model(torch.randn(4, 8)).mean().backward()
+        opt.step()
+    summary = agent.close()
+    records = read_steps(tmp_path)
+    assert [r["grad_norm"] is None for r in records] == [False] * (at - 1) + [True]
+    event = next(e for e in records[-1]["events"] if e["kind"] == "nonfinite")
+    assert event["first_module"] in named and event["phase"] == where
+    assert summary.ranks[0]["event_counts"]["nonfinite"] == 1
+
+
+def test_on_nonfinite_raise_stops_at_that_step(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(8, 8), NaNAt(at=2, where="backward"), nn.Linear(8, 1))
+    agent = hooktrace.attach(model, out=str(tmp_path), metrics_port=0, on_nonfinite="raise")
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with pytest.raises(hooktrace.NonFiniteGradientError) as info:
+        for _ in range(3):
+            opt.zero_grad()
+            model(torch.randn(4, 8)).mean().backward()
+            opt.step()
+    assert (info.value.step, info.value.phase) == (2, "backward")
+    assert info.value.module in {"1", "1.lin"}
+    agent.close()
+
+
+def test_buffer_norms_are_reported_on_sampled_steps(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 1))
+    agent = hooktrace.attach(model, out=str(tmp_path), metrics_port=0, sample_every=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(16, 4)).mean().backward()
+        opt.step()
+    agent.close()
+    records = read_steps(tmp_path)
+    assert set(records[0]["buffer_norms"]) == {"1.running_mean", "1.running_var"}
+    assert records[0]["buffer_norms"]["1.running_var"] == pytest.approx(float(model[1].running_var.norm()), rel=0.2)
+    assert "buffer_norms" not in records[1]
