@@ -7,6 +7,7 @@ a Prometheus server can scrape the final values. Plain PyTorch, no hooktrace imp
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -20,6 +21,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--step-sleep", type=float, default=0.0, help="seconds to sleep per step")
     parser.add_argument("--explode-at", type=int, default=0, help="scale the loss by 1e4 at this step")
+    parser.add_argument("--explode-when", default="", help="explode once, at the first step after this file exists")
     parser.add_argument("--nan-at", type=int, default=0, help="feed a NaN input at this step")
     parser.add_argument("--sleep-after", type=float, default=0.0, help="keep the process alive (for scrapes)")
     parser.add_argument("--exit-code", type=int, default=0)
@@ -30,14 +32,16 @@ def main() -> int:
     torch.manual_seed(args.seed)
     model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1))
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    exploded = False
     for step in range(1, args.steps + 1):
         x = torch.randn(32, 32)
         if step == args.nan_at:
             x[0, 0] = float("nan")
         y = x.sum(dim=1, keepdim=True)
         loss = nn.functional.mse_loss(model(x), y)
-        if step == args.explode_at:
+        if step == args.explode_at or (args.explode_when and not exploded and os.path.exists(args.explode_when)):
             loss = loss * 1e4
+            exploded = True
         opt.zero_grad()
         loss.backward()
         opt.step()
