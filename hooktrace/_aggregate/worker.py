@@ -1,25 +1,29 @@
 """The worker thread: drains step buffers, aggregates, feeds exporters.
 
-Threading contract: the training thread calls :meth:`submit` (a bounded, non-blocking put; a
-full queue drops the step and counts it). Everything else here runs on the worker thread,
+Threading contract: the training thread calls :meth:`submit` (a bounded append that never
+blocks; a full queue drops the step and counts it). Everything else here runs on the worker thread,
 except :meth:`close`, which asks the worker to drain within a deadline and then stops it.
 """
 
 from __future__ import annotations
 
-import queue
+from collections import deque
 import sys
 import threading
 import time
 from collections.abc import Callable
 
 from hooktrace._aggregate.process import StepProcessor
+from hooktrace._aggregate.snapshot import MetricsSnapshot
 from hooktrace._aggregate.stats import RankStats
 from hooktrace._aggregate.step_record import StepRecord
 from hooktrace._record.buffer import StepBuffer
 from hooktrace.export.base import Exporter
 
 FLUSH_INTERVAL_S = 2.0
+POLL_INTERVAL_S = 0.05
+SNAPSHOT_INTERVAL_S = 0.5
+"""Metrics snapshots are rebuilt at most this often (and at every flush), not every step."""
 
 
 class Worker:
@@ -37,16 +41,19 @@ class Worker:
         self.processor = processor
         self.stats = stats
         self.exporters = exporters
-        self._queue: queue.Queue[StepBuffer | None] = queue.Queue(maxsize=queue_size)
+        self._queue: deque[StepBuffer] = deque()
+        self._queue_size = queue_size
+        self._submitted = 0
+        self._processed = 0
         self._on_record = on_record
         self._thread = threading.Thread(target=self._run, name="hooktrace-worker", daemon=True)
         self._stop = threading.Event()
-        self._idle = threading.Condition()
-        self._pending = 0
         self.dropped_steps = 0
         self.process_errors = 0
         self.first_error: str | None = None
         self.started = False
+        self._snapshot: MetricsSnapshot | None = None
+        self._snapshot_at = 0.0
         for exporter in exporters:
             stats.export_errors[exporter.name] += 0  # a zero series per exporter from the start
 
@@ -56,32 +63,28 @@ class Worker:
             self._thread.start()
 
     def submit(self, buf: StepBuffer) -> None:
-        """Training thread: hand over a finished step, never blocking."""
-        try:
-            with self._idle:
-                self._pending += 1
-            self._queue.put_nowait(buf)
-        except queue.Full:
-            with self._idle:
-                self._pending -= 1
+        """Training thread: hand over a finished step. One append; never blocks, never wakes.
+
+        The worker polls every ``POLL_INTERVAL_S`` and drains in a burst, so training and worker
+        do not trade the GIL at every step. Beyond ``queue_size`` pending steps, steps are dropped.
+        """
+        if len(self._queue) >= self._queue_size:
             self.dropped_steps += 1
+            return
+        self._queue.append(buf)
+        self._submitted += 1
 
     def _run(self) -> None:
         last_flush = time.monotonic()
         while True:
-            try:
-                buf = self._queue.get(timeout=0.5)
-            except queue.Empty:
-                buf = None
-            if buf is not None:
-                self._handle(buf)
-                with self._idle:
-                    self._pending -= 1
-                    self._idle.notify_all()
+            stopping = self._stop.wait(POLL_INTERVAL_S)
+            while self._queue:
+                self._handle(self._queue.popleft())
+                self._processed += 1
             if time.monotonic() - last_flush >= FLUSH_INTERVAL_S:
                 self._flush()
                 last_flush = time.monotonic()
-            if self._stop.is_set() and self._queue.empty():
+            if stopping:
                 return
 
     def _handle(self, buf: StepBuffer) -> None:
@@ -98,7 +101,11 @@ class Worker:
         if buf.dropped_events:
             self.stats.dropped["module_events"] += buf.dropped_events
         self.stats.add(record)
-        snapshot = self.stats.snapshot()
+        now = time.monotonic()
+        if self._snapshot is None or now - self._snapshot_at >= SNAPSHOT_INTERVAL_S:
+            self._refresh_snapshot(now)
+        snapshot = self._snapshot
+        assert snapshot is not None
         for exporter in self.exporters:
             try:
                 exporter.export_step(record, snapshot)
@@ -107,7 +114,19 @@ class Worker:
         if self._on_record is not None:
             self._on_record(record)
 
+    def _refresh_snapshot(self, now: float) -> None:
+        """Build a fresh snapshot and hand it to every exporter (throttled: copying is not free)."""
+        self._snapshot = self.stats.snapshot()
+        self._snapshot_at = now
+        for exporter in self.exporters:
+            try:
+                exporter.refresh(self._snapshot)
+            except Exception:
+                self.stats.export_errors[exporter.name] += 1
+
     def _flush(self) -> None:
+        if self.stats.steps:
+            self._refresh_snapshot(time.monotonic())
         for exporter in self.exporters:
             try:
                 exporter.flush()
@@ -117,12 +136,10 @@ class Worker:
     def wait_idle(self, timeout: float) -> bool:
         """Wait until every submitted step is processed (tests, close)."""
         deadline = time.monotonic() + timeout
-        with self._idle:
-            while self._pending > 0:
-                left = deadline - time.monotonic()
-                if left <= 0 or not self._thread.is_alive():
-                    return False
-                self._idle.wait(left)
+        while self._processed < self._submitted:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                return False
+            time.sleep(0.01)
         return True
 
     def close(self, timeout: float = 10.0) -> None:
@@ -132,10 +149,10 @@ class Worker:
             self._stop.set()
             self._thread.join(timeout=max(1.0, timeout / 2))
         else:
-            while not self._queue.empty():
-                buf = self._queue.get_nowait()
-                if buf is not None:
-                    self._handle(buf)
+            while self._queue:
+                self._handle(self._queue.popleft())
+        if self.stats.steps:
+            self._refresh_snapshot(time.monotonic())
         for exporter in self.exporters:
             try:
                 exporter.close()

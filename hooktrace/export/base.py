@@ -24,7 +24,10 @@ class Exporter(Protocol):
         """Open files or sockets. Raises ``HooktraceError`` with a fix-it message on setup errors."""
 
     def export_step(self, step: StepRecord, snapshot: MetricsSnapshot) -> None:
-        """Consume one aggregated optimizer step and the snapshot that includes it."""
+        """Consume one aggregated optimizer step, with the latest snapshot (at most 0.5 s old)."""
+
+    def refresh(self, snapshot: MetricsSnapshot) -> None:
+        """A fresh snapshot was built (throttled, and at every flush and close)."""
 
     def flush(self) -> None:
         """Make everything received so far durable or sent (bounded time)."""

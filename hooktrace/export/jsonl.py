@@ -43,6 +43,9 @@ class StepsJsonlExporter:
             return
         self._file.write(json.dumps(_finite(step.as_json()), allow_nan=False) + "\n")
 
+    def refresh(self, snapshot: MetricsSnapshot) -> None:
+        return None
+
     def flush(self) -> None:
         if self._file is not None:
             self._file.flush()

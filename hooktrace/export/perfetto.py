@@ -81,6 +81,9 @@ class PerfettoExporter:
                  "pid": self.rank, "tid": 0, "args": event.as_json()}
             )
 
+    def refresh(self, snapshot: MetricsSnapshot) -> None:
+        return None
+
     def flush(self) -> None:
         if self._file is not None:
             self._file.flush()

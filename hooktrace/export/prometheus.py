@@ -369,6 +369,9 @@ class PrometheusExporter:
     def export_step(self, step: StepRecord, snapshot: MetricsSnapshot) -> None:
         self.collector.update(snapshot)
 
+    def refresh(self, snapshot: MetricsSnapshot) -> None:
+        self.collector.update(snapshot)
+
     def flush(self) -> None:
         """Nothing is buffered: scrapes read the latest snapshot."""
 
