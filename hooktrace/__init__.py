@@ -1,8 +1,8 @@
 """hooktrace: per-module timing and gradient health for PyTorch training, through module hooks.
 
-    agent = hooktrace.attach(model)          # or: model.apply(agent.instrument)
-    ...train...
-    agent.close()                            # flush, write the summary, remove every hook
+agent = hooktrace.attach(model)          # or: model.apply(agent.instrument)
+...train...
+agent.close()                            # flush, write the summary, remove every hook
 """
 
 from __future__ import annotations

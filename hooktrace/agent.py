@@ -18,7 +18,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from hooktrace._version import __version__
 from hooktrace._aggregate.process import StepProcessor
 from hooktrace._aggregate.snapshot import RankInfo
 from hooktrace._aggregate.stats import RankStats
@@ -29,6 +28,7 @@ from hooktrace._record.clock import clock_for
 from hooktrace._record.discovery import Discovery
 from hooktrace._record.recorder import Recorder
 from hooktrace._record.tracker import StepTracker
+from hooktrace._version import __version__
 from hooktrace.config import Config
 from hooktrace.distributed import placement
 from hooktrace.errors import AttachError, GradientExplosionError, NonFiniteGradientError
@@ -38,7 +38,6 @@ from hooktrace.health.monitor import GradHealth
 from hooktrace.health.norms import GradNormCapture, capture_buffer_norms
 from hooktrace.summary import RunSummary
 from hooktrace.summary_builder import build_summary, write_summary
-
 
 _LIVE: weakref.WeakKeyDictionary[nn.Module, Agent] = weakref.WeakKeyDictionary()
 """Root module -> the live agent watching it, so attaching twice returns the same agent."""
@@ -97,9 +96,16 @@ class Agent:
         self.capture = GradNormCapture(self.recorder.table)
         watch_params = {w for w in cfg.watch}
         self.health = GradHealth(self.recorder.table, cfg.explode_factor, watch_params)
-        self.guard = SyncGuard(cfg, self.capture, self.health) if cfg.on_explosion != "warn" or cfg.on_nonfinite == "raise" else None
+        self.guard = (
+            SyncGuard(cfg, self.capture, self.health)
+            if cfg.on_explosion != "warn" or cfg.on_nonfinite == "raise"
+            else None
+        )
         self.tracker = StepTracker(
-            self.recorder, sample_every=cfg.sample_every, on_step=self._on_step, on_optimizer=self._on_optimizer,
+            self.recorder,
+            sample_every=cfg.sample_every,
+            on_step=self._on_step,
+            on_optimizer=self._on_optimizer,
             on_sampling=self._on_sampling,
         )
         self.discovery: Discovery | None = None
@@ -117,8 +123,12 @@ class Agent:
         self.exporters: list[Exporter] = self._make_exporters()
         self.worker = Worker(
             StepProcessor(
-                table=self.recorder.table, capture=self.capture, health=self.health, rank=self.info.rank,
-                wall_offset_ns=self._wall_offset_ns, trace_id=self.trace_id,
+                table=self.recorder.table,
+                capture=self.capture,
+                health=self.health,
+                rank=self.info.rank,
+                wall_offset_ns=self._wall_offset_ns,
+                trace_id=self.trace_id,
             ),
             self.stats,
             self.exporters,
@@ -301,8 +311,11 @@ class Agent:
                 root.get_parameter(name)
                 return  # a parameter: its norm is reported every step by the health monitor
             except AttributeError:
-                self._warn_once(f"watch:{name}", f"hooktrace: --watch {name!r} names no module or parameter of "
-                                f"{type(root).__name__}; use a name from model.named_modules()")
+                self._warn_once(
+                    f"watch:{name}",
+                    f"hooktrace: --watch {name!r} names no module or parameter of "
+                    f"{type(root).__name__}; use a name from model.named_modules()",
+                )
                 return
         index = self.recorder.table.index_of(target)
         if index is not None:
@@ -340,13 +353,19 @@ class Agent:
         for event in record.events:
             if event.kind == "grad_spike" and self.config.on_explosion == "warn":
                 ratio = event.detail.get("ratio")
-                print(f"hooktrace: gradient spike at step {record.step} (rank {record.rank}): {event.module} "
-                      f"norm {event.value:.4g}, {ratio}x its rolling median", file=sys.stderr)
+                print(
+                    f"hooktrace: gradient spike at step {record.step} (rank {record.rank}): {event.module} "
+                    f"norm {event.value:.4g}, {ratio}x its rolling median",
+                    file=sys.stderr,
+                )
             elif event.kind == "nonfinite":
                 if event.phase == "unknown":
                     self.recorder.hunt = HUNT_STEPS  # sample the next steps deeply to find the source
-                print(f"hooktrace: non-finite gradient at step {record.step} (rank {record.rank}): first in "
-                      f"{event.phase} of {event.detail.get('first_module', event.module)}", file=sys.stderr)
+                print(
+                    f"hooktrace: non-finite gradient at step {record.step} (rank {record.rank}): first in "
+                    f"{event.phase} of {event.detail.get('first_module', event.module)}",
+                    file=sys.stderr,
+                )
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

@@ -189,7 +189,10 @@ def render_summary(summary: RunSummary, top: int = 10) -> str:
         s = summary.straggler
         if s:
             where = ", ".join(f"{m['phase']} {m['module']} +{_ms(m['extra_s_per_step'])}" for m in s["modules"][:3])
-            lines.append(f"Straggler: rank {s['rank']} at {s['ratio']:.2f}x the median step time" + (f" ({where})" if where else ""))
+            lines.append(
+                f"Straggler: rank {s['rank']} at {s['ratio']:.2f}x the median step time"
+                + (f" ({where})" if where else "")
+            )
         else:
             lines.append("Stragglers: none")
     if summary.never_called:

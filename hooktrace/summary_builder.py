@@ -21,7 +21,10 @@ def build_summary(agent: Agent) -> RunSummary:
     """This rank's summary so far. Reads the worker's aggregates (call after the worker drained)."""
     stats = agent.stats
     rank = stats.rank_summary()
-    rank["dropped"] = {**rank["dropped"], **({"steps": agent.worker.dropped_steps} if agent.worker.dropped_steps else {})}
+    rank["dropped"] = {
+        **rank["dropped"],
+        **({"steps": agent.worker.dropped_steps} if agent.worker.dropped_steps else {}),
+    }
     table = agent.recorder.table
     called = {row["module"] for row in stats.module_rows()}
     never = (
@@ -30,7 +33,8 @@ def build_summary(agent: Agent) -> RunSummary:
         else []
     )
     skipped = [
-        {"module": table.infos[i].display, "reason": reason} for i, reason in sorted(agent.recorder.full_skipped.items())
+        {"module": table.infos[i].display, "reason": reason}
+        for i, reason in sorted(agent.recorder.full_skipped.items())
     ]
     notes = list(agent.notes)
     if agent.recorder.first_error:

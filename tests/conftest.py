@@ -15,7 +15,12 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """No HOOKTRACE_*/OTEL_*/torchrun variable from the developer's shell leaks into a test."""
     for name in list(os.environ):
         if name.startswith(("HOOKTRACE_", "OTEL_", "TORCHELASTIC_")) or name in {
-            "RANK", "LOCAL_RANK", "WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT",
+            "RANK",
+            "LOCAL_RANK",
+            "WORLD_SIZE",
+            "GROUP_RANK",
+            "MASTER_ADDR",
+            "MASTER_PORT",
         }:
             monkeypatch.delenv(name, raising=False)
 

@@ -64,9 +64,7 @@ def require_binary(name: str, *alternatives: str) -> str:
         if path is not None:
             return path
     names = " or ".join(repr(n) for n in (name, *alternatives))
-    reason = (
-        f"{names} not found on PATH or in /usr/bin (Debian packages: prometheus, prometheus-alertmanager)"
-    )
+    reason = f"{names} not found on PATH or in /usr/bin (Debian packages: prometheus, prometheus-alertmanager)"
     if os.environ.get("CI"):
         pytest.fail(reason)
     pytest.skip(reason)
@@ -137,9 +135,7 @@ class ServerProcess:
                         f"{self.name} exited with {self._process.returncode} before ready:\n{self.log_tail()}"
                     )
                 if time.monotonic() > deadline:
-                    raise TimeoutError(
-                        f"{self.name} not ready at {ready_url} after {timeout}s:\n{self.log_tail()}"
-                    )
+                    raise TimeoutError(f"{self.name} not ready at {ready_url} after {timeout}s:\n{self.log_tail()}")
                 time.sleep(0.1)
         except BaseException:
             self.stop()
@@ -245,9 +241,7 @@ def prometheus_config(
     # honor_labels: the agent's series carry run_id and rank, and so do its file_sd targets.
     job: dict[str, Any] = {"job_name": "hooktrace", "honor_labels": True}
     if scrape_targets_file is not None:
-        job["file_sd_configs"] = [
-            {"files": [str(Path(scrape_targets_file).resolve())], "refresh_interval": "1s"}
-        ]
+        job["file_sd_configs"] = [{"files": [str(Path(scrape_targets_file).resolve())], "refresh_interval": "1s"}]
     if static_targets:
         job["static_configs"] = [{"targets": list(static_targets)}]
     if len(job) > 2:
@@ -396,9 +390,7 @@ class WebhookReceiver:
                     return dict(alert)
         return None
 
-    def wait_for_alert(
-        self, alertname: str, timeout: float = 30.0, *, status: str = "firing"
-    ) -> dict[str, Any]:
+    def wait_for_alert(self, alertname: str, timeout: float = 30.0, *, status: str = "firing") -> dict[str, Any]:
         """Return the first received alert named ``alertname`` with ``status``; AssertionError on timeout.
 
         The alert is Alertmanager's webhook form: ``status``, ``labels``, ``annotations``,
@@ -409,9 +401,7 @@ class WebhookReceiver:
             while (alert := self._find_alert(alertname, status)) is None:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise AssertionError(
-                        f"no {status} {alertname} received after {timeout}s; received: {self._bodies}"
-                    )
+                    raise AssertionError(f"no {status} {alertname} received after {timeout}s; received: {self._bodies}")
                 self._changed.wait(remaining)
             return alert
 

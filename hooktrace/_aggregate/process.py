@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
 
 from hooktrace._aggregate.step_record import ModuleSpan, StepEvent, StepRecord
 from hooktrace._aggregate.timeline import module_intervals, phase_durations, phase_intervals
@@ -120,14 +119,13 @@ class StepProcessor:
                 flow[label] = max(flow.get(label, 0.0), value)
         record.output_grad_norms = flow
         for label, (norm, ratio) in verdict.spike_modules.items():
-            record.events.append(
-                StepEvent("grad_spike", label, "backward", norm, {"ratio": round(ratio, 3)})
-            )
+            record.events.append(StepEvent("grad_spike", label, "backward", norm, {"ratio": round(ratio, 3)}))
         for pos, (before, after) in verdict.clipped.items():
             ref = params[pos]
             record.events.append(
-                StepEvent("grad_clip", infos[ref.module].label, "optimizer", before,
-                          {"param": ref.name, "clipped_to": after})
+                StepEvent(
+                    "grad_clip", infos[ref.module].label, "optimizer", before, {"param": ref.name, "clipped_to": after}
+                )
             )
         if verdict.nonfinite:
             where = locate_nonfinite(
@@ -147,8 +145,6 @@ class StepProcessor:
                 label = infos[first.module].label if first else "__total__"
                 phase = "unknown"
             record.events.append(StepEvent("nonfinite", label, phase, None, {"first_module": module}))
-
-
 
 
 def _align_backward_marks(marks: list[tuple[int, int]], spans: list[ModuleSpan]) -> list[tuple[int, int]]:

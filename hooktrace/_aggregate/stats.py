@@ -169,9 +169,7 @@ class RankStats:
 
     def rank_summary(self) -> dict[str, Any]:
         """This rank's entry of ``summary.json``."""
-        phases = {
-            phase: statistics.median(values) for phase, values in self.recent_phases.items() if values
-        }
+        phases = {phase: statistics.median(values) for phase, values in self.recent_phases.items() if values}
         return {
             "rank": self.info.rank,
             "local_rank": self.info.local_rank,
@@ -192,7 +190,7 @@ class RankStats:
 
     def module_rows(self) -> list[dict[str, Any]]:
         """Per module and phase: totals over sampled steps (summary ``modules``)."""
-        rows = []
+        rows: list[dict[str, Any]] = []
         for (_, phase), totals in self.modules.items():
             rows.append(
                 {

@@ -148,9 +148,9 @@ def module_intervals(
                 if stack:
                     stack.pop().end = t
             else:
-                iv = bwd.get((index, call))
-                if iv is not None and t >= iv.start:
-                    iv.end = max(iv.end, t)
+                found = bwd.get((index, call))
+                if found is not None and t >= found.start:
+                    found.end = max(found.end, t)
     _close_open_backward([iv for iv in intervals if iv.phase == "backward"], backward_end_ns, parents)
     intervals = [iv for iv in intervals if iv.end >= iv.start]
     _nest(intervals, parents)
@@ -167,9 +167,7 @@ def _is_ancestor(ancestor: int, index: int, parents: list[int]) -> bool:
 
 def _close_open_backward(backward: list[Interval], backward_end_ns: list[int], parents: list[int]) -> None:
     """End each unfinished backward interval at the first later stamp outside its subtree."""
-    stamps = sorted(
-        [(iv.start, iv.index) for iv in backward] + [(iv.end, iv.index) for iv in backward if iv.end >= 0]
-    )
+    stamps = sorted([(iv.start, iv.index) for iv in backward] + [(iv.end, iv.index) for iv in backward if iv.end >= 0])
     for iv in backward:
         if iv.end >= 0:
             continue

@@ -7,10 +7,10 @@ except :meth:`close`, which asks the worker to drain within a deadline and then 
 
 from __future__ import annotations
 
-from collections import deque
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 
 from hooktrace._aggregate.process import StepProcessor

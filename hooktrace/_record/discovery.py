@@ -19,8 +19,13 @@ from torch.utils.hooks import RemovableHandle
 class Discovery:
     """Calls ``adopt(module, args)`` for every new root; remembers modules it rejected."""
 
-    def __init__(self, adopt: Callable[[nn.Module, tuple[Any, ...]], None], busy: Callable[[], bool],
-                 known: Callable[[nn.Module], bool], on_error: Callable[[BaseException], None]) -> None:
+    def __init__(
+        self,
+        adopt: Callable[[nn.Module, tuple[Any, ...]], None],
+        busy: Callable[[], bool],
+        known: Callable[[nn.Module], bool],
+        on_error: Callable[[BaseException], None],
+    ) -> None:
         self._adopt = adopt
         self._busy = busy
         self._known = known

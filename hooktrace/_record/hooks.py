@@ -20,13 +20,13 @@ from torch.utils.hooks import RemovableHandle
 
 from hooktrace._record.buffer import (
     BWD_END,
-    StepBuffer,
     BWD_START,
     FWD_END,
     FWD_EVAL,
     FWD_RECOMPUTE,
     FWD_TRAIN,
     MAX_EVENTS_PER_STEP,
+    StepBuffer,
 )
 
 if TYPE_CHECKING:
@@ -74,6 +74,7 @@ def watch_tensor(rec: Recorder, buf: StepBuffer, tensor: torch.Tensor, kind: int
 def make_forward_hooks(rec: Recorder, index: int, tensor_backward: bool) -> tuple[Callable[..., None], ...]:
     """Forward pre/post hooks of module ``index``; with ``tensor_backward`` they also set the
     tensor hooks that time the module's backward."""
+
     def forward_pre(module: nn.Module, args: tuple[Any, ...]) -> None:
         if rec.skip():
             return None

@@ -84,10 +84,7 @@ class ModuleTable:
             if id(module) in self.by_id:
                 continue
             name = clean_name(raw_name)
-            if not raw_name:
-                display = root_label
-            else:
-                display = f"{root_label}.{name}" if root_label else name
+            display = root_label if not raw_name else f"{root_label}.{name}" if root_label else name
             parent_id = parents.get(id(module))
             parent = self.by_id[parent_id] if parent_id is not None and parent_id in self.by_id else -1
             index = len(self.infos)

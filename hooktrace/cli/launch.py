@@ -76,8 +76,10 @@ def run_target(config: Config, target: str, args: list[str], *, module: bool, pr
             signal.signal(signal.SIGTERM, previous)
     if print_summary:
         if summary.steps == 0 and not agent.recorder.table.roots:
-            print("hooktrace: no module with trainable parameters ran a forward pass; nothing was profiled",
-                  file=sys.stderr)
+            print(
+                "hooktrace: no module with trainable parameters ran a forward pass; nothing was profiled",
+                file=sys.stderr,
+            )
         else:
             print(summary.render(), file=sys.stderr)
     return code

@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from hooktrace._version import __version__
+from hooktrace.cli.top import top_command
 from hooktrace.cli.torchrun import TORCHRUN_OPTIONS, launch_distributed
 from hooktrace.config import Config
 from hooktrace.errors import ConfigError
@@ -126,6 +127,9 @@ def dashboards(out_dir: str) -> None:
 
     for path in copy_dashboards(out_dir):
         click.echo(path)
+
+
+cli.add_command(top_command)
 
 
 def main() -> None:

@@ -165,14 +165,16 @@ def fetch(target: Target, timeout: float = FETCH_TIMEOUT_S) -> Scrape:
 
 def fetch_all(targets: Sequence[Target], timeout: float = FETCH_TIMEOUT_S) -> list[Scrape]:
     """Scrape every target at once, so N unreachable ranks cost one timeout, not N."""
-    if not targets:
-        return []
-    with ThreadPoolExecutor(max_workers=min(32, len(targets)), thread_name_prefix="hooktrace-top") as pool:
+    with ThreadPoolExecutor(max_workers=max(1, min(32, len(targets))), thread_name_prefix="hooktrace-top") as pool:
         return list(pool.map(lambda t: fetch(t, timeout), targets))
 
 
 def read_targets(path: str) -> list[Target]:
-    """Targets of a Prometheus file_sd JSON file; ``ValueError`` says what is wrong with it."""
+    """Targets of a Prometheus file_sd JSON file, once per address; ``ValueError`` says what is wrong.
+
+    A reused ``--out`` keeps entries of earlier runs (``hooktrace run`` only replaces its own), so the
+    same address can appear under two run ids: it is scraped once, and the scrape names its rank.
+    """
     try:
         with open(path, encoding="utf-8") as handle:
             groups = json.load(handle)
@@ -180,14 +182,15 @@ def read_targets(path: str) -> list[Target]:
         raise ValueError(f"cannot read {path}: {exc.strerror}; `hooktrace run` writes <out>/targets.json") from exc
     except json.JSONDecodeError as exc:
         raise ValueError(f'{path} is not JSON ({exc}); expected [{{"targets": ["host:port"]}}]') from exc
-    if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+    groups = groups if isinstance(groups, list) else [None]
+    if not all(isinstance(g, dict) and isinstance(g.get("targets", []), list) for g in groups):
         raise ValueError(f'{path} is not a file_sd list: expected [{{"targets": ["host:port"], "labels": {{}}}}]')
-    targets = []
+    targets: dict[str, Target] = {}
     for group in groups:
         labels = group.get("labels") if isinstance(group.get("labels"), dict) else {}
-        for address in group.get("targets") or []:
-            targets.append(Target(str(address), {str(k): str(v) for k, v in labels.items()}))
-    return targets
+        for address in group.get("targets", []):
+            targets.setdefault(str(address), Target(str(address), {str(k): str(v) for k, v in labels.items()}))
+    return list(targets.values())
 
 
 def _delta(now: float | None, before: float | None) -> float | None:
@@ -264,7 +267,7 @@ def _events(pairs: list[tuple[Scrape, Scrape | None]]) -> list[tuple[str, float,
             for labels, v in now.values(detail_sample):
                 parts[labels.get(label, "")] = parts.get(labels.get(label, ""), 0.0) + v
         top = sorted(((v, k) for k, v in parts.items() if v), reverse=True)[:3]
-        rows.append((name, total, delta, ", ".join(f"{k} {v:g}" for v, k in top)))
+        rows.append((name, total, delta, ", ".join(f"{k}: {v:g}" for v, k in top)))
     return rows
 
 
@@ -317,7 +320,7 @@ def render(view: View, note: str = "") -> RenderableType:
             r.rank, r.address, Text("down", "red") if r.error else Text("up", "green"),
             _n(r.steps, ".0f"), _s(r.step_mean_s), _s(r.step_recent_s), _n(r.steps_per_s, ".1f"),
             Text(_n(r.vs_median, ".2f", "x"), "yellow" if (r.vs_median or 0) > 1.2 else ""),
-            _n(r.grad_norm), Text(_n(r.grad_ratio, ".2f"), "red" if (r.grad_ratio or 0) > 5 else ""),
+            _n(r.grad_norm), Text(_n(r.grad_ratio, ".3g"), "red" if (r.grad_ratio or 0) > 5 else ""),
             _n(r.overhead_pct, ".2f", "%"),
         )  # fmt: skip
     parts: list[RenderableType] = [header, ranks]
@@ -338,7 +341,7 @@ def render_text(view: View, note: str = "", width: int = 120) -> str:
     """A frame as plain text, for ``--once`` (scripts, tests, logs)."""
     out = io.StringIO()
     Console(file=out, width=width, color_system=None, force_terminal=False).print(render(view, note))
-    return out.getvalue()
+    return "".join(line.rstrip() + "\n" for line in out.getvalue().splitlines())
 
 
 def _watch(targets: Callable[[], list[Target]], interval: float, top: int) -> None:
@@ -361,12 +364,8 @@ def _watch(targets: Callable[[], list[Target]], interval: float, top: int) -> No
 @click.option("--port", type=click.IntRange(1, 65535), help=f"Base /metrics port of the job [{DEFAULT_PORT}].")
 @click.option("--ranks", type=click.IntRange(min=1), default=1, show_default=True, help="Watch ports PORT..PORT+N-1.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Host of --port.")
-@click.option(
-    "--targets",
-    "targets_file",
-    type=click.Path(dir_okay=False),
-    help="Prometheus file_sd JSON of host:port (hooktrace run writes <out>/targets.json).",
-)
+@click.option("--targets", "targets_file", type=click.Path(dir_okay=False),
+              help="Prometheus file_sd JSON of host:port (hooktrace run writes <out>/targets.json).")  # fmt: skip
 @click.option("--interval", type=click.FloatRange(min=0.1), default=2.0, show_default=True, help="Seconds per refresh.")
 @click.option("--top", "top_n", type=click.IntRange(min=1), default=5, show_default=True, help="Modules per phase.")
 @click.option("--once", is_flag=True, help="Print one frame as plain text and exit (1 if every target is down).")

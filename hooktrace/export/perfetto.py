@@ -36,11 +36,17 @@ class PerfettoExporter:
         self._file = open(self.path, "w", encoding="utf-8")  # noqa: SIM115 - lives as long as the run
         self._file.write("[\n")
         self._write(
-            {"name": "process_name", "ph": "M", "pid": self.rank, "tid": 0,
-             "args": {"name": f"rank {self.rank} ({self.run_id})"}}
+            {
+                "name": "process_name",
+                "ph": "M",
+                "pid": self.rank,
+                "tid": 0,
+                "args": {"name": f"rank {self.rank} ({self.run_id})"},
+            }
         )
-        self._write({"name": "process_sort_index", "ph": "M", "pid": self.rank, "tid": 0,
-                     "args": {"sort_index": self.rank}})
+        self._write(
+            {"name": "process_sort_index", "ph": "M", "pid": self.rank, "tid": 0, "args": {"sort_index": self.rank}}
+        )
         self._write({"name": "thread_name", "ph": "M", "pid": self.rank, "tid": 0, "args": {"name": "training"}})
 
     def _us(self, ns: int) -> float:
@@ -57,28 +63,50 @@ class PerfettoExporter:
 
     def _complete(self, name: str, cat: str, start: int, end: int, args: dict[str, Any]) -> None:
         self._write(
-            {"name": name, "cat": cat, "ph": "X", "ts": self._us(start), "dur": max(0, end - start) / 1000.0,
-             "pid": self.rank, "tid": 0, "args": args}
+            {
+                "name": name,
+                "cat": cat,
+                "ph": "X",
+                "ts": self._us(start),
+                "dur": max(0, end - start) / 1000.0,
+                "pid": self.rank,
+                "tid": 0,
+                "args": args,
+            }
         )
 
     def export_step(self, step: StepRecord, snapshot: MetricsSnapshot) -> None:
         if not step.spans:
             return
         self._complete(
-            f"step {step.step}", "step", step.start_ns, step.end_ns,
+            f"step {step.step}",
+            "step",
+            step.start_ns,
+            step.end_ns,
             {"step": step.step, "rank": step.rank, "grad_norm": step.grad_norm, "trace_id": step.trace_id},
         )
         for phase, start, end in step.phase_spans:
             self._complete(phase, "phase", start, end, {"step": step.step, "phase": phase})
         for span in sorted(step.spans, key=lambda s: (s.start_ns, -s.end_ns)):
             self._complete(
-                f"{span.phase} {span.module}", span.phase, span.start_ns, span.end_ns,
+                f"{span.phase} {span.module}",
+                span.phase,
+                span.start_ns,
+                span.end_ns,
                 {"module": span.module, "module_type": span.module_type, "self_us": span.self_ns / 1000.0},
             )
         for event in step.events:
             self._write(
-                {"name": event.kind, "cat": "event", "ph": "i", "s": "p", "ts": self._us(step.end_ns),
-                 "pid": self.rank, "tid": 0, "args": event.as_json()}
+                {
+                    "name": event.kind,
+                    "cat": "event",
+                    "ph": "i",
+                    "s": "p",
+                    "ts": self._us(step.end_ns),
+                    "pid": self.rank,
+                    "tid": 0,
+                    "args": event.as_json(),
+                }
             )
 
     def refresh(self, snapshot: MetricsSnapshot) -> None:
@@ -91,8 +119,17 @@ class PerfettoExporter:
     def close(self) -> None:
         if self._file is None:
             return
-        self._file.write(json.dumps({"name": "hooktrace", "ph": "M", "pid": self.rank, "tid": 0,
-                                     "args": {"events": self.written, "dropped": self.dropped}}))
+        self._file.write(
+            json.dumps(
+                {
+                    "name": "hooktrace",
+                    "ph": "M",
+                    "pid": self.rank,
+                    "tid": 0,
+                    "args": {"events": self.written, "dropped": self.dropped},
+                }
+            )
+        )
         self._file.write("\n]\n")
         self._file.flush()
         os.fsync(self._file.fileno())

@@ -335,9 +335,7 @@ class PrometheusExporter:
         self._thread.start()
         if self.out_dir is not None:
             try:
-                write_target(
-                    self.out_dir, f"{_target_host(self.addr)}:{self.port}", self.info.run_id, self.info.rank
-                )
+                write_target(self.out_dir, f"{_target_host(self.addr)}:{self.port}", self.info.run_id, self.info.rank)
             except OSError as exc:
                 print(f"hooktrace: could not write {self.out_dir}/targets.json: {exc}", file=sys.stderr)
 

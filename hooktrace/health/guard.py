@@ -37,8 +37,12 @@ class SyncGuard:
         if verdict.nonfinite and self.config.on_nonfinite == "raise":
             infos = self.capture.table.infos
             where = locate_nonfinite(
-                resolve_pairs(buf.output_norms), resolve_pairs(buf.input_grad_norms),
-                resolve_pairs(buf.output_grad_norms), verdict.nonfinite_params, params, buf.grad_present,
+                resolve_pairs(buf.output_norms),
+                resolve_pairs(buf.input_grad_norms),
+                resolve_pairs(buf.output_grad_norms),
+                verdict.nonfinite_params,
+                params,
+                buf.grad_present,
             )
             if where is not None:
                 raise NonFiniteGradientError(buf.number, infos[where[0]].display, where[1])

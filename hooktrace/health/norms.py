@@ -57,7 +57,7 @@ class GradNormCapture:
                 grads.append(grad.detach())
         if not grads:
             return None, present, None
-        norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
+        norms = list(torch._foreach_norm(grads, 2, dtype=torch.float32))
         device = norms[0].device
         if any(n.device != device for n in norms):
             norms = [n.to(device) for n in norms]

@@ -8,8 +8,8 @@ to the history, so one explosion does not raise the baseline of the next.
 from __future__ import annotations
 
 import math
-from collections import deque
 from bisect import bisect_left, insort
+from collections import deque
 
 
 class RollingMedian:

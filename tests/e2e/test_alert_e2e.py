@@ -26,15 +26,35 @@ def test_an_exploding_run_fires_the_alert_with_its_run_and_rank(tmp_path: Path) 
         WebhookReceiver() as webhook,
         start_alertmanager(tmp_path, webhook.url) as alertmanager,
         start_prometheus(
-            tmp_path, scrape_targets_file=out / "targets.json", rule_files=[RULES_FILE],
+            tmp_path,
+            scrape_targets_file=out / "targets.json",
+            rule_files=[RULES_FILE],
             alertmanager_url=alertmanager.url,
         ) as prometheus,
     ):
         run = subprocess.Popen(
-            [sys.executable, "-m", "hooktrace.cli.main", "run", "--metrics-port", str(port), "--out", str(out),
-             "--run-id", "alert-e2e", str(REPO / "examples" / "train_mlp.py"), "--steps", "100000",
-             "--step-sleep", "0.01", "--explode-when", str(trigger)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            [
+                sys.executable,
+                "-m",
+                "hooktrace.cli.main",
+                "run",
+                "--metrics-port",
+                str(port),
+                "--out",
+                str(out),
+                "--run-id",
+                "alert-e2e",
+                str(REPO / "examples" / "train_mlp.py"),
+                "--steps",
+                "100000",
+                "--step-sleep",
+                "0.01",
+                "--explode-when",
+                str(trigger),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         try:
             # The counter is scraped at 0 first, so that increase() sees the spike.

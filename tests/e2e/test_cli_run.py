@@ -22,14 +22,31 @@ MLP = REPO / "examples" / "train_mlp.py"
 def hooktrace(*args: str, cwd: Path | None = None, **kwargs: object) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "hooktrace.cli.main", *args],
-        capture_output=True, text=True, timeout=120, cwd=cwd, **kwargs,  # type: ignore[call-overload]
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=cwd,
+        **kwargs,  # type: ignore[call-overload]
     )
 
 
 def test_run_passes_argv_name_path_and_exit_code_through_and_writes_files(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    result = hooktrace("run", "--metrics-port", "0", "--out", str(out), "--sample-every", "5", str(MLP),
-                       "--steps", "20", "--print-argv", "--exit-code", "3")
+    result = hooktrace(
+        "run",
+        "--metrics-port",
+        "0",
+        "--out",
+        str(out),
+        "--sample-every",
+        "5",
+        str(MLP),
+        "--steps",
+        "20",
+        "--print-argv",
+        "--exit-code",
+        "3",
+    )
     assert result.returncode == 3, result.stderr
     assert f"argv: ['{MLP}', '--steps', '20', '--print-argv', '--exit-code', '3']" in result.stdout
     assert "name: __main__" in result.stdout
@@ -49,8 +66,19 @@ def test_run_module_mode_behaves_like_python_dash_m(tmp_path: Path) -> None:
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
     (pkg / "train.py").write_text((MLP).read_text())
-    result = hooktrace("run", "--metrics-port", "0", "--out", str(tmp_path / "o"), "-m", "mypkg.train",
-                       "--steps", "3", "--print-argv", cwd=tmp_path)
+    result = hooktrace(
+        "run",
+        "--metrics-port",
+        "0",
+        "--out",
+        str(tmp_path / "o"),
+        "-m",
+        "mypkg.train",
+        "--steps",
+        "3",
+        "--print-argv",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     assert "name: __main__" in result.stdout
     assert len(read_steps(tmp_path / "o")) == 3
@@ -71,9 +99,24 @@ def test_a_script_that_raises_shows_its_own_traceback_and_exit_code_and_keeps_fi
 def test_sigterm_flushes_files_and_prints_the_summary(tmp_path: Path) -> None:
     out = tmp_path / "o"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "hooktrace.cli.main", "run", "--metrics-port", "0", "--out", str(out), str(MLP),
-         "--steps", "100000", "--step-sleep", "0.002"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "hooktrace.cli.main",
+            "run",
+            "--metrics-port",
+            "0",
+            "--out",
+            str(out),
+            str(MLP),
+            "--steps",
+            "100000",
+            "--step-sleep",
+            "0.002",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         deadline = time.monotonic() + 60
@@ -97,7 +140,10 @@ def test_sigterm_flushes_files_and_prints_the_summary(tmp_path: Path) -> None:
     [
         (["run", "missing.py"], "can't open file 'missing.py'"),
         (["run", "--bogus", "x.py"], "No such option '--bogus'"),
-        (["run", "--sample-every", "0", str(MLP)], "--sample-every / HOOKTRACE_SAMPLE_EVERY must be a positive integer"),
+        (
+            ["run", "--sample-every", "0", str(MLP)],
+            "--sample-every / HOOKTRACE_SAMPLE_EVERY must be a positive integer",
+        ),
         (["run", "--backward", "maybe", str(MLP)], "'maybe' is not one of 'auto', 'full', 'off'"),
         (["run", "-m", "no_such_module_xyz"], "no module named 'no_such_module_xyz'"),
         (["run"], "missing SCRIPT"),
@@ -124,8 +170,13 @@ def test_a_taken_metrics_port_moves_to_the_next_one_with_one_line(tmp_path: Path
 
 
 def test_environment_variables_configure_the_run(tmp_path: Path) -> None:
-    env = {**os.environ, "HOOKTRACE_OUT": str(tmp_path / "env-out"), "HOOKTRACE_METRICS_PORT": "0",
-           "HOOKTRACE_SAMPLE_EVERY": "2", "HOOKTRACE_RUN_ID": "from-env"}
+    env = {
+        **os.environ,
+        "HOOKTRACE_OUT": str(tmp_path / "env-out"),
+        "HOOKTRACE_METRICS_PORT": "0",
+        "HOOKTRACE_SAMPLE_EVERY": "2",
+        "HOOKTRACE_RUN_ID": "from-env",
+    }
     result = hooktrace("run", str(MLP), "--steps", "4", env=env)
     assert result.returncode == 0, result.stderr
     steps = read_steps(tmp_path / "env-out")

@@ -35,13 +35,9 @@ def serve_metrics(registry: CollectorRegistry) -> Iterator[str]:
 
 def fake_hooktrace_metrics(registry: CollectorRegistry) -> Counter:
     """Register ``hooktrace_info`` and a spike counter (at 0, as the agent exposes it) for t1/rank 0."""
-    info = Gauge(
-        "hooktrace_info", "hooktrace agent", [*LABELS, "local_rank", "world_size"], registry=registry
-    )
+    info = Gauge("hooktrace_info", "hooktrace agent", [*LABELS, "local_rank", "world_size"], registry=registry)
     info.labels(**LABELS, local_rank="0", world_size="1").set(1)
-    spikes = Counter(
-        "hooktrace_grad_spike_steps", "steps with a gradient spike", [*LABELS], registry=registry
-    )
+    spikes = Counter("hooktrace_grad_spike_steps", "steps with a gradient spike", [*LABELS], registry=registry)
     spikes.labels(**LABELS)
     return spikes
 

@@ -62,9 +62,7 @@ MAY_BE_EMPTY: dict[tuple[str, str, str], str] = {
 """(dashboard uid, panel title, refId) -> why a one-rank run without events leaves it empty."""
 
 _VARIABLE = re.compile(r"\$\{(\w+)(?::[^}]*)?\}|\$(\w+)|\[\[(\w+)(?::[^\]]*)?\]\]")
-_LABEL_VALUES = re.compile(
-    r"^\s*label_values\(\s*(?:(?P<selector>.+?)\s*,\s*)?(?P<label>\w+)\s*\)\s*$", re.DOTALL
-)
+_LABEL_VALUES = re.compile(r"^\s*label_values\(\s*(?:(?P<selector>.+?)\s*,\s*)?(?P<label>\w+)\s*\)\s*$", re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -103,9 +101,7 @@ def _panel_queries() -> list[Query]:
         model = _load(path.name)
         for panel in _panels(model["panels"]):
             for target in panel.get("targets", []):
-                queries.append(
-                    Query(path.name, model["uid"], panel["title"], target["refId"], target["expr"])
-                )
+                queries.append(Query(path.name, model["uid"], panel["title"], target["refId"], target["expr"]))
     return queries
 
 
@@ -230,9 +226,7 @@ def live_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveRun]:
         "--sample-every", "2", str(EXAMPLE), *EXAMPLE_ARGS,
     ]  # fmt: skip
     # Prometheus first: it reads targets.json as soon as the run writes it, and sees every step.
-    with start_prometheus(
-        tmp, scrape_targets_file=out / "targets.json", rule_files=[RULES_FILE]
-    ) as prometheus:
+    with start_prometheus(tmp, scrape_targets_file=out / "targets.json", rule_files=[RULES_FILE]) as prometheus:
         log = tmp / "hooktrace-run.log"
         with log.open("wb") as sink:
             run = subprocess.Popen(argv, cwd=tmp, env=env, stdin=subprocess.DEVNULL, stdout=sink, stderr=sink)
@@ -277,9 +271,7 @@ def test_every_panel_query_returns_data_from_a_live_run(live_run: LiveRun, query
 
 @pytest.mark.parametrize("query", VARIABLE_QUERIES, ids=str)
 def test_every_variable_query_lists_values_from_a_live_run(live_run: LiveRun, query: Query) -> None:
-    promql, label = label_values_query(
-        substitute(query.expr, variable_values(_load(query.file), live_run.run_id))
-    )
+    promql, label = label_values_query(substitute(query.expr, variable_values(_load(query.file), live_run.run_id)))
     values = {series["metric"].get(label, "") for series in _eventually(live_run.prometheus, promql)}
     assert values and "" not in values, f"{promql!r} lists {values}"
     if label == "run_id":

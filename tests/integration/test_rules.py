@@ -37,9 +37,7 @@ def _alerts() -> list[dict[str, Any]]:
 
 def _promtool(*args: str) -> subprocess.CompletedProcess[str]:
     promtool = require_binary("promtool")
-    return subprocess.run(
-        [promtool, *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=False
-    )
+    return subprocess.run([promtool, *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, check=False)
 
 
 def test_promtool_check_rules_accepts_the_rules_file() -> None:

@@ -54,8 +54,9 @@ def test_norms_equal_an_independent_float64_reference(factory: Any, tmp_path: Pa
         assert record["param_grad_norms"] == pytest.approx(per_param, rel=1e-5)
 
 
-def _explode_run(tmp_path: Path, *, module_only: bool = False, attach: bool = True, steps: int = 40,
-                 **options: Any) -> tuple[list[float], list[torch.Tensor], Any]:
+def _explode_run(
+    tmp_path: Path, *, module_only: bool = False, attach: bool = True, steps: int = 40, **options: Any
+) -> tuple[list[float], list[torch.Tensor], Any]:
     """40 steps of noisy but healthy SGD on an MLP; at step 30 the gradient explodes: of the whole
     model (the loss x 1e4), or of ``model[2].weight`` only (a tensor hook x 1e4)."""
     torch.manual_seed(0)
@@ -106,7 +107,7 @@ def test_clip_scales_only_the_offending_tensor_before_the_optimizer_step(tmp_pat
     offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
 
     def part(flat: torch.Tensor, i: int) -> torch.Tensor:
-        return flat[offsets[i]:offsets[i + 1]]
+        return flat[offsets[i] : offsets[i + 1]]
 
     # At step 30 only model[2].weight (part 2) differs from the unclipped run.
     for i in range(len(sizes)):

@@ -103,7 +103,9 @@ def test_a_raising_hook_never_reaches_the_training_loop(tmp_path: Path) -> None:
     assert any("clock broke" in note for note in summary.notes)
 
 
-def test_repeated_hook_errors_detach_the_agent_and_say_so_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_repeated_hook_errors_detach_the_agent_and_say_so_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     model = zoo.SleepyNet(0, 0)
     agent = hooktrace.attach(model, out=str(tmp_path), metrics_port=0, sample_every=1)
 
@@ -165,7 +167,8 @@ def test_eval_calls_are_kept_apart_from_training_steps(tmp_path: Path) -> None:
 
 def test_checkpoint_recompute_is_labelled_and_not_counted_as_forward(tmp_path: Path) -> None:
     _, agent = zoo.train(
-        zoo.CheckpointNet, steps=2,
+        zoo.CheckpointNet,
+        steps=2,
         attach=lambda m: hooktrace.attach(m, out=str(tmp_path), metrics_port=0, sample_every=1),
     )
     rows = {(m["module"], m["phase"]): m for m in agent.close().modules}

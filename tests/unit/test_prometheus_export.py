@@ -238,9 +238,7 @@ def test_a_second_collector_on_the_same_registry_is_refused() -> None:
 
 def test_exporter_serves_text_and_openmetrics_over_http(exporters: list[PrometheusExporter]) -> None:
     port = free_port()
-    exporter = PrometheusExporter(
-        None, addr="127.0.0.1", base_port=port, local_rank=0, out_dir=None, info=INFO
-    )
+    exporter = PrometheusExporter(None, addr="127.0.0.1", base_port=port, local_rank=0, out_dir=None, info=INFO)
     exporters.append(exporter)
     exporter.start()
     assert exporter.port == port
@@ -280,9 +278,7 @@ def test_a_taken_port_falls_back_to_the_next_with_one_stderr_line(
         "(use --metrics-port to choose)\n"
     )
     targets = json.loads((tmp_path / "targets.json").read_text())
-    assert targets == [
-        {"targets": [f"127.0.0.1:{exporter.port}"], "labels": {"run_id": "run-42", "rank": "1"}}
-    ]
+    assert targets == [{"targets": [f"127.0.0.1:{exporter.port}"], "labels": {"run_id": "run-42", "rank": "1"}}]
 
 
 def test_local_ranks_of_a_node_share_targets_json(tmp_path: Path) -> None:
@@ -294,9 +290,7 @@ def test_local_ranks_of_a_node_share_targets_json(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["targets.json", "targets.json.lock"]
 
 
-def test_binding_every_interface_publishes_the_hostname(
-    exporters: list[PrometheusExporter], tmp_path: Path
-) -> None:
+def test_binding_every_interface_publishes_the_hostname(exporters: list[PrometheusExporter], tmp_path: Path) -> None:
     exporter = PrometheusExporter(
         None, addr="0.0.0.0", base_port=free_port(), local_rank=0, out_dir=str(tmp_path), info=INFO
     )
@@ -307,9 +301,7 @@ def test_binding_every_interface_publishes_the_hostname(
 
 
 def test_port_zero_means_off_and_close_is_idempotent(tmp_path: Path) -> None:
-    exporter = PrometheusExporter(
-        None, addr="127.0.0.1", base_port=0, local_rank=3, out_dir=str(tmp_path), info=INFO
-    )
+    exporter = PrometheusExporter(None, addr="127.0.0.1", base_port=0, local_rank=3, out_dir=str(tmp_path), info=INFO)
     exporter.start()
     assert exporter.port is None
     assert not (tmp_path / "targets.json").exists()

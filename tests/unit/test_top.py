@@ -99,8 +99,8 @@ def test_a_real_exposition_becomes_rank_module_and_event_rows() -> None:
     assert view.modules[0].mean_s == pytest.approx(0.0025) and view.modules[0].calls == 160
     events = {name: (total, delta, detail) for name, total, delta, detail in view.events}
     assert events["grad spikes"] == (4, None, "")
-    assert events["non-finite steps"] == (2, None, "blocks.0.attn 2")
-    assert events["dropped"] == (5, None, "spans 5")
+    assert events["non-finite steps"] == (2, None, "blocks.0.attn: 2")
+    assert events["dropped"] == (5, None, "spans: 5")
 
 
 def test_a_second_refresh_shows_recent_step_time_rates_and_deltas() -> None:
@@ -184,11 +184,20 @@ def test_a_server_that_does_not_speak_prometheus_is_down() -> None:
     assert result.series is None and result.error.startswith("not a /metrics exposition")
 
 
-def test_read_targets_takes_every_address_of_every_file_sd_group(tmp_path: Path) -> None:
+def test_read_targets_takes_every_address_of_every_file_sd_group_once(tmp_path: Path) -> None:
     path = tmp_path / "targets.json"
-    path.write_text(json.dumps([{"targets": ["a:1", "b:2"], "labels": {"rank": "0"}}, {"targets": ["c:3"]}]))
+    groups = [{"targets": ["a:1", "b:2"], "labels": {"rank": "0"}}, {"targets": ["c:3", "a:1"]}]
+    path.write_text(json.dumps(groups))
     assert read_targets(str(path)) == [Target("a:1", {"rank": "0"}), Target("b:2", {"rank": "0"}), Target("c:3")]
     assert Target("c:3").url == "http://c:3/metrics"
+
+
+@pytest.mark.parametrize("content", ["{}", '[{"targets": "a:1"}]', "[1]", "not json"])
+def test_read_targets_rejects_what_is_not_a_file_sd_list(tmp_path: Path, content: str) -> None:
+    path = tmp_path / "targets.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match="targets"):
+        read_targets(str(path))
 
 
 def test_once_prints_a_frame_from_a_live_endpoint(exporter: PrometheusExporter) -> None:
