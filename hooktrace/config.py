@@ -102,9 +102,7 @@ class Config:
         self.explode_factor = float(self.explode_factor)
         for name, choices in _CHOICES.items():
             if getattr(self, name) not in choices:
-                raise ConfigError(
-                    f"{_where(name)} must be one of {', '.join(choices)}, got {getattr(self, name)!r}"
-                )
+                raise ConfigError(f"{_where(name)} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
         self.trace_ranks = _normal_trace_ranks(self.trace_ranks)
         if self.run_id is not None and (not self.run_id or "/" in self.run_id):
             raise ConfigError(f"{_where('run_id')} must be a non-empty name without '/', got {self.run_id!r}")
@@ -116,9 +114,7 @@ class Config:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(explicit) - known)
         if unknown:
-            raise ConfigError(
-                f"unknown config field {unknown[0]!r}; known fields: {', '.join(sorted(known))}"
-            )
+            raise ConfigError(f"unknown config field {unknown[0]!r}; known fields: {', '.join(sorted(known))}")
         values: dict[str, Any] = {}
         for name, raw in envvars.config_from_env(environ).items():
             if name not in explicit:
@@ -155,9 +151,7 @@ def _normal_trace_ranks(value: object) -> str:
             (isinstance(part, int) and part >= 0) or (isinstance(part, str) and part.isdigit())
         ):
             # raise, not skip: a typo here would silently trace nothing on the intended ranks
-            raise ConfigError(
-                f"{_where('trace_ranks')} must be auto or a comma list of ranks like 0,3, got {value!r}"
-            )
+            raise ConfigError(f"{_where('trace_ranks')} must be auto or a comma list of ranks like 0,3, got {value!r}")
         ranks.add(int(part))
     return ",".join(str(rank) for rank in sorted(ranks))
 

@@ -29,6 +29,10 @@ CONFIG_OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("--on-explosion", {"type": click.Choice(["warn", "clip", "raise"]), "help": "On a spike [warn]."}),
     ("--on-nonfinite", {"type": click.Choice(["warn", "raise"]), "help": "On NaN/Inf gradients [warn]."}),
     ("--watch", {"type": str, "multiple": True, "help": "Module/parameter name kept in full detail (repeatable)."}),
+    (
+        "--trace-ranks",
+        {"type": str, "help": "Ranks whose spans carry module detail: auto (all up to 8, else 0 + slowest) or 0,3."},
+    ),
 ]
 
 

@@ -234,9 +234,10 @@ class _FirstOnly(logging.Filter):
         self.seen: set[str] = set()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.msg in self.seen:
+        key = str(record.msg)
+        if key in self.seen:
             return False
-        self.seen.add(str(record.msg))
+        self.seen.add(key)
         return True
 
 
@@ -351,6 +352,10 @@ class OtelExporter:
         tracer = self._tracer
         if tracer is not None and step.spans and step.trace_id:
             _StepSpans(self, tracer, step).emit()
+        self._sync_stats()
+
+    def refresh(self, snapshot: MetricsSnapshot) -> None:
+        """Spans need no metrics; only report drops."""
         self._sync_stats()
 
     def flush(self) -> None:
