@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install demo test check lint typecheck bench dashboards clean
+.PHONY: install demo test check lint typecheck bench dashboards stack stack-down clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check hooktrace tests benchmarks examples grafana
-	$(VENV)/bin/ruff format --check hooktrace tests benchmarks examples grafana
+	$(VENV)/bin/ruff check hooktrace tests benchmarks examples grafana deploy
+	$(VENV)/bin/ruff format --check hooktrace tests benchmarks examples grafana deploy
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
@@ -39,6 +39,13 @@ bench: $(STAMP)
 
 dashboards: $(STAMP)
 	$(PY) grafana/build.py
+	$(PY) deploy/k8s/generate.py
+
+stack: $(STAMP)
+	$(VENV)/bin/hooktrace stack up
+
+stack-down: $(STAMP)
+	$(VENV)/bin/hooktrace stack down
 
 clean:
 	rm -rf $(VENV) hooktrace-runs .pytest_cache .mypy_cache .ruff_cache

@@ -24,7 +24,9 @@ from hooktrace._aggregate.stats import RankStats
 from hooktrace._aggregate.step_record import StepRecord
 from hooktrace._aggregate.worker import Worker
 from hooktrace._record.buffer import StepBuffer
+from hooktrace._record.buffer import M_AR, M_AR_END
 from hooktrace._record.clock import clock_for
+from hooktrace._record.comm import AllReduceTimer, is_ddp
 from hooktrace._record.discovery import Discovery
 from hooktrace._record.recorder import Recorder
 from hooktrace._record.tracker import StepTracker
@@ -134,8 +136,10 @@ class Agent:
             self.exporters,
             queue_size=cfg.queue_size,
             on_record=self._on_record,
+            on_checkpoint=self._checkpoint if cfg.write_files else None,
         )
         self._started = False
+        self._allreduce_timer: AllReduceTimer | None = None
 
     # -- public API ---------------------------------------------------------------------------------
     def instrument(self, module: nn.Module) -> None:
@@ -183,6 +187,8 @@ class Agent:
         if self.discovery is not None:
             self.discovery.disable()
         self.tracker.stop()
+        if self._allreduce_timer is not None:
+            self._allreduce_timer.enabled = False
         self._candidates.clear()
         for index in self.recorder.table.roots:
             module = self.recorder.modules[index] if index < len(self.recorder.modules) else None
@@ -207,6 +213,14 @@ class Agent:
         if self.config.print_summary:
             print(result.render(), file=sys.stderr)
         return result
+
+    def flush_now(self, timeout: float = 3.0) -> bool:
+        """Write everything recorded so far (files, summary) from any thread; for signal paths."""
+        return self.worker.flush_now(timeout)
+
+    def _checkpoint(self) -> None:
+        """Worker thread: rewrite summary.json with what is aggregated so far."""
+        write_summary(self.out_dir, self.summary())
 
     def summary(self) -> RunSummary:
         """The run summary so far (this rank)."""
@@ -289,10 +303,21 @@ class Agent:
         index = self.recorder.table.index_of(root)
         assert index is not None
         self.tracker.add_root(index, root)
+        if is_ddp(root):
+            self.tracker.before_forward.append(lambda: self._time_allreduce(root))
         _LIVE[root] = self
         for name in self.config.watch:
             self._pin(root, name)
         return index
+
+    def _time_allreduce(self, ddp: nn.Module) -> None:
+        """At the first forward (after the user had the chance to register a comm hook of theirs)."""
+        if self._allreduce_timer is None:
+            rec = self.recorder
+            self._allreduce_timer = AllReduceTimer(lambda mark, t: rec.buf.marks.append((mark, t)), M_AR, M_AR_END)
+        reason = self._allreduce_timer.install(ddp)
+        if reason:
+            self._warn_once("comm_hook", f"hooktrace: {reason}")
 
     def _root_label(self, root: nn.Module) -> str:
         base = type(root).__name__

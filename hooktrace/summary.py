@@ -29,6 +29,7 @@ class RunSummary:
     never_called: list[str] = field(default_factory=list)
     backward_skipped: list[dict[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    grad_consistency: dict[str, Any] | None = None
     out_dir: str | None = None
     device: str = "cpu"
 
@@ -46,6 +47,7 @@ class RunSummary:
             "never_called": self.never_called,
             "backward_skipped": self.backward_skipped,
             "notes": self.notes,
+            "grad_consistency": self.grad_consistency,
             "out_dir": self.out_dir,
         }
 
@@ -63,6 +65,7 @@ class RunSummary:
             never_called=data.get("never_called", []),
             backward_skipped=data.get("backward_skipped", []),
             notes=data.get("notes", []),
+            grad_consistency=data.get("grad_consistency"),
             out_dir=data.get("out_dir"),
             device=data.get("device", "cpu"),
         )
@@ -73,8 +76,11 @@ class RunSummary:
 
 
 def find_straggler(ranks: list[dict[str, Any]], modules: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The slowest rank when it is clearly slower than the median rank, with where it loses time."""
-    times = [(r["rank"], r["step_time_s"]) for r in ranks if r.get("step_time_s")]
+    """The slowest rank when it is clearly slower than the median rank, with where it loses time.
+
+    Ranks are compared by busy time (step time minus exposed all-reduce wait): in synchronous
+    data parallelism all step times are equal, the fast ranks wait for the slow one."""
+    times = [(r["rank"], r.get("busy_time_s") or r["step_time_s"]) for r in ranks if r.get("step_time_s")]
     if len(times) < 2:
         return None
     median = statistics.median(t for _, t in times)
@@ -98,8 +104,8 @@ def find_straggler(ranks: list[dict[str, Any]], modules: list[dict[str, Any]]) -
     return {
         "rank": rank,
         "ratio": round(ratio, 3),
-        "step_time_s": slowest,
-        "median_step_time_s": median,
+        "busy_time_s": slowest,
+        "median_busy_time_s": median,
         "modules": [
             {"module": module, "phase": phase, "extra_s_per_step": round(loss, 6)}
             for loss, (module, phase) in losses[:5]
@@ -190,11 +196,17 @@ def render_summary(summary: RunSummary, top: int = 10) -> str:
         if s:
             where = ", ".join(f"{m['phase']} {m['module']} +{_ms(m['extra_s_per_step'])}" for m in s["modules"][:3])
             lines.append(
-                f"Straggler: rank {s['rank']} at {s['ratio']:.2f}x the median step time"
+                f"Straggler: rank {s['rank']}, busy {s['ratio']:.2f}x the median rank"
                 + (f" ({where})" if where else "")
             )
         else:
             lines.append("Stragglers: none")
+        consistency = summary.grad_consistency
+        if consistency:
+            lines.append(
+                f"Gradient consistency across ranks: {consistency['checked_steps']} steps checked, "
+                f"{consistency['mismatched_steps']} mismatched"
+            )
     if summary.never_called:
         names = ", ".join(summary.never_called[:8]) + (" ..." if len(summary.never_called) > 8 else "")
         lines.append(f"Never called: {names}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from hooktrace.export.files import write_json_atomic
 from hooktrace.summary import RunSummary, merge_summaries
@@ -66,8 +66,43 @@ def write_summary(out_dir: str, summary: RunSummary) -> None:
     write_json_atomic(os.path.join(out_dir, "summary.json"), merge_dir(out_dir))
 
 
-def merge_dir(out_dir: str) -> dict[str, object]:
-    """Merge every ``rank<r>.summary.json`` in ``out_dir``."""
+def gradient_consistency(out_dir: str, tolerance: float = 1e-5, keep: int = 20) -> dict[str, Any]:
+    """After all-reduce every rank holds the same gradients, so per step the total norms agree.
+
+    Reads every ``rank<r>.steps.jsonl`` and compares the ranks' ``grad_norm`` step by step.
+    """
+    norms: dict[int, dict[int, float | None]] = {}
+    for name in sorted(os.listdir(out_dir)):
+        if name.startswith("rank") and name.endswith(".steps.jsonl"):
+            rank = int(name[4:].split(".")[0])
+            with open(os.path.join(out_dir, name), encoding="utf-8") as handle:
+                for line in handle:
+                    try:
+                        row = json.loads(line)
+                    except ValueError:
+                        continue  # a line cut short by a kill
+                    norms.setdefault(row["step"], {})[rank] = row.get("grad_norm")
+    checked, mismatches = 0, []
+    for step in sorted(norms):
+        values = norms[step]
+        if len(values) < 2:
+            continue
+        checked += 1
+        finite = [v for v in values.values() if v is not None]
+        if len(finite) != len(values) and finite:
+            bad = True
+        elif finite:
+            low, high = min(finite), max(finite)
+            bad = high - low > tolerance * max(abs(high), 1e-12)
+        else:
+            bad = False
+        if bad:
+            mismatches.append({"step": step, "grad_norms": {str(r): v for r, v in sorted(values.items())}})
+    return {"checked_steps": checked, "mismatched_steps": len(mismatches), "mismatches": mismatches[:keep]}
+
+
+def merge_dir(out_dir: str, check_gradients: bool = False) -> dict[str, Any]:
+    """Merge every ``rank<r>.summary.json`` in ``out_dir`` (and compare ranks' gradient norms)."""
     parts = []
     for name in sorted(os.listdir(out_dir)):
         if name.startswith("rank") and name.endswith(".summary.json"):
@@ -76,4 +111,15 @@ def merge_dir(out_dir: str) -> dict[str, object]:
                     parts.append(json.load(handle))
             except (OSError, ValueError):
                 continue
-    return merge_summaries(parts) if parts else {}
+    if not parts:
+        return {}
+    merged = merge_summaries(parts)
+    if check_gradients and merged.get("world_size", 1) > 1:
+        consistency = gradient_consistency(out_dir)
+        merged["grad_consistency"] = consistency
+        for item in consistency["mismatches"]:
+            merged["events"].append(
+                {"step": item["step"], "rank": -1, "kind": "grad_mismatch", "module": "__total__",
+                 "phase": "allreduce", "value": None, "grad_norms": item["grad_norms"]}
+            )
+    return merged

@@ -51,6 +51,9 @@ class RankStats:
     phase_hist: dict[str, Histogram] = field(default_factory=dict)
     phase_totals: dict[str, float] = field(default_factory=dict)
     recent_steps: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_STEPS))
+    recent_busy: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_STEPS))
+    """Step time minus exposed all-reduce wait: in synchronous DDP every rank has the same step
+    time, and the straggler is the rank that the others wait for."""
     recent_phases: dict[str, deque[float]] = field(default_factory=dict)
     modules: dict[tuple[int, str], ModuleTotals] = field(default_factory=dict)
     module_label_sums: dict[tuple[str, str], list[float]] = field(default_factory=dict)
@@ -84,6 +87,7 @@ class RankStats:
         self.overhead_s += record.overhead_s
         self.step_hist.observe(duration, record.trace_id)
         self.recent_steps.append(duration)
+        self.recent_busy.append(duration - record.phases.get("allreduce", 0.0))
         for phase, seconds in record.phases.items():
             hist = self.phase_hist.get(phase)
             if hist is not None:
@@ -179,6 +183,7 @@ class RankStats:
             "sampled_steps": self.sampled_steps,
             "micro_batches": self.micro_batches,
             "step_time_s": statistics.median(self.recent_steps) if self.recent_steps else None,
+            "busy_time_s": statistics.median(self.recent_busy) if self.recent_busy else None,
             "phases": phases,
             "phase_totals_s": dict(self.phase_totals),
             "grad_norm": self.last_grad_norm,

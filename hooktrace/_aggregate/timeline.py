@@ -16,6 +16,7 @@ from hooktrace._record.buffer import (
     BWD_START,
     FORWARD_KIND_PHASE,
     FWD_END,
+    M_AR_END,
     M_BWD,
     M_BWD_END,
     M_EVAL,
@@ -68,6 +69,8 @@ def phase_intervals(start_ns: int, end_ns: int, marks: list[tuple[int, int]]) ->
         elif mark in (M_OPT, M_OPT_END):
             settle("optimizer")
             current = "optimizer"
+        elif mark == M_AR_END and current == _AFTER_BACKWARD:
+            settle("allreduce")  # compute is done: this wait is exposed communication
     spend(end_ns)
     settle("optimizer")
     out.sort(key=lambda item: item[1])

@@ -23,6 +23,8 @@ from hooktrace.export.base import Exporter
 FLUSH_INTERVAL_S = 2.0
 POLL_INTERVAL_S = 0.05
 SNAPSHOT_INTERVAL_S = 0.5
+CHECKPOINT_INTERVAL_S = 10.0
+"""summary.json is rewritten this often while the run goes on, so a killed run leaves one."""
 """Metrics snapshots are rebuilt at most this often (and at every flush), not every step."""
 
 
@@ -37,6 +39,7 @@ class Worker:
         *,
         queue_size: int,
         on_record: Callable[[StepRecord], None] | None = None,
+        on_checkpoint: Callable[[], None] | None = None,
     ) -> None:
         self.processor = processor
         self.stats = stats
@@ -48,6 +51,10 @@ class Worker:
         self._on_record = on_record
         self._thread = threading.Thread(target=self._run, name="hooktrace-worker", daemon=True)
         self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._urgent = threading.Event()
+        self._urgent_done = threading.Event()
+        self._on_checkpoint = on_checkpoint
         self.dropped_steps = 0
         self.process_errors = 0
         self.first_error: str | None = None
@@ -75,17 +82,43 @@ class Worker:
         self._submitted += 1
 
     def _run(self) -> None:
-        last_flush = time.monotonic()
+        last_flush = last_checkpoint = time.monotonic()
         while True:
-            stopping = self._stop.wait(POLL_INTERVAL_S)
+            woken = self._wake.wait(POLL_INTERVAL_S)
+            self._wake.clear()
+            drained = bool(self._queue)
             while self._queue:
                 self._handle(self._queue.popleft())
                 self._processed += 1
-            if time.monotonic() - last_flush >= FLUSH_INTERVAL_S:
-                self._flush()
-                last_flush = time.monotonic()
-            if stopping:
+            now = time.monotonic()
+            urgent = self._urgent.is_set()
+            if drained or urgent or now - last_flush >= FLUSH_INTERVAL_S:
+                self._flush()  # files get every step within a poll interval: a killed run loses little
+                last_flush = now
+            if urgent or now - last_checkpoint >= CHECKPOINT_INTERVAL_S:
+                self._checkpoint()
+                last_checkpoint = now
+                if urgent:
+                    self._urgent.clear()
+                    self._urgent_done.set()
+            if woken and self._stop.is_set():
                 return
+
+    def _checkpoint(self) -> None:
+        if self._on_checkpoint is not None:
+            try:
+                self._on_checkpoint()
+            except Exception:
+                self.stats.export_errors["summary"] += 1
+
+    def flush_now(self, timeout: float) -> bool:
+        """Any thread: process what is queued, flush files and write the summary, now (signals)."""
+        if not self.started or not self._thread.is_alive():
+            return False
+        self._urgent_done.clear()
+        self._urgent.set()
+        self._wake.set()
+        return self._urgent_done.wait(timeout)
 
     def _handle(self, buf: StepBuffer) -> None:
         try:
@@ -147,6 +180,7 @@ class Worker:
         if self.started:
             self.wait_idle(timeout)
             self._stop.set()
+            self._wake.set()
             self._thread.join(timeout=max(1.0, timeout / 2))
         else:
             while self._queue:

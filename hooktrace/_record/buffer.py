@@ -33,6 +33,10 @@ M_BWD = 3
 M_BWD_END = 4
 M_OPT = 5
 M_OPT_END = 6
+M_AR = 7
+"""A DDP gradient bucket was handed to all-reduce."""
+M_AR_END = 8
+"""A bucket's all-reduce completed (recorded on the communication thread)."""
 
 MAX_EVENTS_PER_STEP = 1_000_000
 """Beyond this many module events in one step, events are dropped and counted."""

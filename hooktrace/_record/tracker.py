@@ -57,6 +57,8 @@ class StepTracker:
         self._on_optimizer = on_optimizer
         self._on_sampling = on_sampling or (lambda sampled: None)
         self._root_pre: dict[int, Callable[..., None]] = {}
+        self.before_forward: list[Callable[[], None]] = []
+        """One-shot set-up to run at the next training forward (e.g. the DDP comm hook)."""
         self._handles: list[RemovableHandle] = []
         self._root_handles: dict[int, list[RemovableHandle]] = {}
         self._depth = 0
@@ -216,6 +218,8 @@ class StepTracker:
         return root_post
 
     def _start_forward(self, now: int) -> None:
+        while self.before_forward:
+            self.before_forward.pop()()
         buf = self.rec.buf
         if self._backward_since_optimizer and not self._pending_close:
             probe = self._grad_probe

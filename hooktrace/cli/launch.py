@@ -11,6 +11,7 @@ import os
 import runpy
 import signal
 import sys
+import threading
 import traceback
 from types import FrameType, TracebackType
 
@@ -33,6 +34,37 @@ def _user_traceback(tb: TracebackType | None) -> TracebackType | None:
     return tb
 
 
+class SignalFlusher:
+    """Flushes the agent's files as soon as SIGTERM/SIGINT arrives, even while the main thread is
+    stuck in C++ (a collective waiting for a dead peer), where Python handlers cannot run yet.
+
+    ``signal.set_wakeup_fd`` makes the C-level handler write the signal number to a pipe; a
+    daemon thread reads it and asks the worker to flush. The Python handler still runs later.
+    """
+
+    def __init__(self, agent: Agent) -> None:
+        self._agent = agent
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._write, False)
+        self._previous = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
+        threading.Thread(target=self._watch, name="hooktrace-signals", daemon=True).start()
+
+    def _watch(self) -> None:
+        while True:
+            try:
+                data = os.read(self._read, 16)
+            except OSError:
+                return
+            if not data:
+                return
+            if any(b in (signal.SIGTERM, signal.SIGINT) for b in data):
+                self._agent.flush_now(timeout=3.0)
+
+    def close(self) -> None:
+        signal.set_wakeup_fd(self._previous)
+        os.close(self._write)
+
+
 def _exit_code(exc: SystemExit) -> int:
     code = exc.code
     if code is None:
@@ -47,6 +79,7 @@ def run_target(config: Config, target: str, args: list[str], *, module: bool, pr
     """Run ``target`` (a script path, or a module name when ``module``) and return its exit code."""
     agent = Agent(config)
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
+    flusher = SignalFlusher(agent) if _main_thread() else None
     saved_argv, saved_path0 = sys.argv[:], sys.path[0] if sys.path else None
     code = 0
     try:
@@ -72,6 +105,8 @@ def run_target(config: Config, target: str, args: list[str], *, module: bool, pr
         if saved_path0 is not None:
             sys.path[0] = saved_path0
         summary = agent.close()
+        if flusher is not None:
+            flusher.close()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     if print_summary:
@@ -86,6 +121,4 @@ def run_target(config: Config, target: str, args: list[str], *, module: bool, pr
 
 
 def _main_thread() -> bool:
-    import threading
-
     return threading.current_thread() is threading.main_thread()

@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from hooktrace._version import __version__
+from hooktrace.cli.stack import stack_group
 from hooktrace.cli.top import top_command
 from hooktrace.cli.torchrun import TORCHRUN_OPTIONS, launch_distributed
 from hooktrace.config import Config
@@ -106,7 +107,7 @@ def report(run_dir: str, top: int, as_json: bool) -> None:
     from hooktrace.summary import RunSummary
     from hooktrace.summary_builder import merge_dir
 
-    merged = merge_dir(run_dir)
+    merged = merge_dir(run_dir, check_gradients=True)
     if not merged:
         raise click.ClickException(f"no rank*.summary.json in {run_dir}; is it a hooktrace run directory?")
     if as_json:
@@ -134,6 +135,7 @@ def dashboards(out_dir: str) -> None:
 
 
 cli.add_command(top_command)
+cli.add_command(stack_group)
 
 
 def main() -> None:

@@ -71,7 +71,7 @@ def launch_distributed(config: Config, target: str, args: list[str], *, module: 
     from hooktrace.summary_builder import merge_dir
 
     if os.path.isdir(out_dir):
-        merged = merge_dir(out_dir)
+        merged = merge_dir(out_dir, check_gradients=True)
         if merged:
             write_json_atomic(os.path.join(out_dir, "summary.json"), merged)
             print(RunSummary.from_dict(merged).render(), file=sys.stderr)

@@ -29,6 +29,7 @@ class PerfettoExporter:
         self.run_id = run_id
         self.written = 0
         self.dropped = 0
+        self._pending: list[str] | None = None
         self._file: IO[str] | None = None
 
     def start(self) -> None:
@@ -58,7 +59,11 @@ class PerfettoExporter:
         if self.written >= self.max_events:
             self.dropped += 1
             return
-        self._file.write(json.dumps(event, separators=(",", ":")) + ",\n")
+        line = json.dumps(event, separators=(",", ":")) + ",\n"
+        if self._pending is not None:
+            self._pending.append(line)
+        else:
+            self._file.write(line)
         self.written += 1
 
     def _complete(self, name: str, cat: str, start: int, end: int, args: dict[str, Any]) -> None:
@@ -78,6 +83,15 @@ class PerfettoExporter:
     def export_step(self, step: StepRecord, snapshot: MetricsSnapshot) -> None:
         if not step.spans:
             return
+        self._pending = []
+        try:
+            self._export(step)
+        finally:
+            if self._file is not None and self._pending:
+                self._file.write("".join(self._pending))  # one write per step: whole lines only
+            self._pending = None
+
+    def _export(self, step: StepRecord) -> None:
         self._complete(
             f"step {step.step}",
             "step",

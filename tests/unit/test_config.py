@@ -8,7 +8,12 @@ from hooktrace import Config, ConfigError
 def test_defaults_match_the_design_table() -> None:
     cfg = Config.resolve({}, environ={})
     assert (cfg.metrics_port, cfg.metrics_addr, cfg.sample_every, cfg.depth, cfg.max_modules) == (
-        9750, "127.0.0.1", 10, 3, 256)
+        9750,
+        "127.0.0.1",
+        10,
+        3,
+        256,
+    )
     assert (cfg.backward, cfg.explode_factor, cfg.on_explosion, cfg.on_nonfinite) == ("auto", 10.0, "warn", "warn")
     assert cfg.run_id and cfg.out_dir() == f"hooktrace-runs/{cfg.run_id}"
 
