@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/hooktrace run --metrics-port 0 examples/train_transformer.py --steps 300
+	$(VENV)/bin/hooktrace run examples/train_transformer.py --steps 300
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

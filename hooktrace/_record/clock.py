@@ -80,9 +80,9 @@ class CudaEventClock:
 
     def resolve(self, stamps: list[Any], anchor: tuple[Any, int]) -> list[int]:
         ref, host_ns = anchor
-        if stamps:
-            stamps[-1].synchronize()  # events on one stream complete in order
         ref.synchronize()
+        for event in stamps:  # backward hooks may record on other streams: wait for each
+            event.synchronize()
         return [host_ns + int(ref.elapsed_time(event) * 1e6) for event in stamps]
 
     def release(self, stamps: list[Any]) -> None:

@@ -131,5 +131,7 @@ def resolve_pairs(pairs: list[tuple[int, Any]]) -> list[tuple[int, float]]:
         return []
     import torch
 
-    values = torch.stack([value.float().to(pairs[0][1].device) for _, value in pairs]).tolist()
+    from hooktrace.health.norms import to_host_floats
+
+    values = to_host_floats(torch.stack([value.float().to(pairs[0][1].device) for _, value in pairs]))
     return [(index, float(v)) for (index, _), v in zip(pairs, values, strict=True)]

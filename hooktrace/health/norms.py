@@ -86,6 +86,20 @@ def capture_buffer_norms(table: ModuleTable) -> tuple[Any, list[str]]:
     return torch.stack([n.to(device) for n in norms]), names
 
 
+def to_host_floats(tensor: torch.Tensor) -> list[float]:
+    """A 1-d tensor's values on the host. Worker thread: on CUDA a pinned non-blocking copy and an
+    event wait, never ``.item()``/``.cpu()``, which ``set_sync_debug_mode("error")`` forbids."""
+    if tensor.is_cuda:
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        host.copy_(tensor, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        done.synchronize()
+        tensor = host
+    values: list[float] = tensor.tolist()
+    return values
+
+
 def resolve_norms(norms: Any, ready: Any) -> list[float]:
     """Host floats of a captured norms tensor (worker thread: may wait for the copy)."""
     if norms is None:
