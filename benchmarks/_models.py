@@ -40,9 +40,11 @@ class SmallCNN(nn.Module):
 def workload(name: str) -> tuple[nn.Module, Callable[[], None]]:
     """``(model, step)``: one optimizer step of the named workload per call."""
     torch.manual_seed(0)
-    if name == "transformer":
-        model: nn.Module = TinyLM(dim=64, layers=2, seq=32)
-        data = torch.randint(0, 64, (16, 33))
+    if name in ("tiny-transformer", "transformer"):
+        tiny = name == "tiny-transformer"
+        seq = 32 if tiny else 64
+        model: nn.Module = TinyLM(dim=64 if tiny else 128, layers=2 if tiny else 4, seq=seq)
+        data = torch.randint(0, 64, (16, seq + 1))
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
         def step() -> None:

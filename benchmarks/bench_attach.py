@@ -61,8 +61,11 @@ def main() -> None:
     count, ms = attach_ms()
     print(f"attach {count} modules: {ms:.1f} ms (median of 5; target < 100 ms)", flush=True)
     early, late = memory_growth()
-    print(f"memory after 5,000 steps {early:.0f} KiB, after 10,000 steps {late:.0f} KiB "
-          f"(growth {late - early:+.0f} KiB; target: flat)", flush=True)
+    print(
+        f"memory after 5,000 steps {early:.0f} KiB, after 10,000 steps {late:.0f} KiB "
+        f"(growth {late - early:+.0f} KiB; target: flat)",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

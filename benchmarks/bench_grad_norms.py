@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import hooktrace
+from hooktrace.health.norms import resolve_norms
 
 
 def model_100m() -> nn.Module:
@@ -21,10 +22,18 @@ def model_100m() -> nn.Module:
     width = 512
     blocks = []
     for _ in range(24):
-        blocks.append(nn.ModuleDict({
-            "norm1": nn.LayerNorm(width), "qkv": nn.Linear(width, 3 * width), "proj": nn.Linear(width, width),
-            "norm2": nn.LayerNorm(width), "fc1": nn.Linear(width, 4 * width), "fc2": nn.Linear(4 * width, width),
-        }))
+        blocks.append(
+            nn.ModuleDict(
+                {
+                    "norm1": nn.LayerNorm(width),
+                    "qkv": nn.Linear(width, 3 * width),
+                    "proj": nn.Linear(width, width),
+                    "norm2": nn.LayerNorm(width),
+                    "fc1": nn.Linear(width, 4 * width),
+                    "fc2": nn.Linear(4 * width, width),
+                }
+            )
+        )
     return nn.Sequential(nn.Embedding(50_000, width), *blocks)
 
 
@@ -42,7 +51,7 @@ def main() -> None:
         start = time.perf_counter()
         norms, present, ready = capture.capture()
         capture_s.append(time.perf_counter() - start)
-        values = norms.tolist()
+        values = resolve_norms(norms, ready)
         start = time.perf_counter()
         health.evaluate(capture.params(), present, values, detail=False, per_param=False)
         verdict_s.append(time.perf_counter() - start)
@@ -54,9 +63,12 @@ def main() -> None:
         opt_s.append(time.perf_counter() - start)
     agent.close()
     cap, ver, step = (statistics.median(v) * 1e3 for v in (capture_s, verdict_s, opt_s))
-    print(f"grad norms, {n / 1e6:.0f}M params in {len(params)} tensors: capture {cap:.1f} ms on the training "
-          f"thread, verdict {ver:.2f} ms on the worker; SGD step {step:.1f} ms "
-          f"(capture = {cap / step:.2f}x an SGD step)", flush=True)
+    print(
+        f"grad norms, {n / 1e6:.0f}M params in {len(params)} tensors: capture {cap:.1f} ms on the training "
+        f"thread, verdict {ver:.2f} ms on the worker; SGD step {step:.1f} ms "
+        f"(capture = {cap / step:.2f}x an SGD step)",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

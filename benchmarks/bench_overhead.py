@@ -54,10 +54,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    for name in ("transformer", "cnn"):
+    for name in ("tiny-transformer", "transformer", "cnn"):
         result = measure(name, args.blocks, args.steps)
         cells = "  ".join(f"{mode}: {(ratio - 1) * 100:+.1f}%" for mode, ratio in result.items())
-        print(f"overhead {name:<11} (median of {args.blocks} blocks x {args.steps} steps)  {cells}", flush=True)
+        print(f"overhead {name:<16} (median of {args.blocks} blocks x {args.steps} steps)  {cells}", flush=True)
 
 
 if __name__ == "__main__":

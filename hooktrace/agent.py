@@ -23,8 +23,7 @@ from hooktrace._aggregate.snapshot import RankInfo
 from hooktrace._aggregate.stats import RankStats
 from hooktrace._aggregate.step_record import StepRecord
 from hooktrace._aggregate.worker import Worker
-from hooktrace._record.buffer import StepBuffer
-from hooktrace._record.buffer import M_AR, M_AR_END
+from hooktrace._record.buffer import M_AR, M_AR_END, StepBuffer
 from hooktrace._record.clock import clock_for
 from hooktrace._record.comm import AllReduceTimer, is_ddp
 from hooktrace._record.discovery import Discovery
@@ -44,6 +43,9 @@ from hooktrace.summary_builder import build_summary, write_summary
 _LIVE: weakref.WeakKeyDictionary[nn.Module, Agent] = weakref.WeakKeyDictionary()
 """Root module -> the live agent watching it, so attaching twice returns the same agent."""
 
+
+MAX_WARNINGS = 20
+"""Gradient warning lines printed per run; later events are only counted."""
 
 HUNT_STEPS = 10
 """After a non-finite gradient on an unsampled step, this many steps are sampled deeply."""
@@ -140,6 +142,7 @@ class Agent:
         )
         self._started = False
         self._allreduce_timer: AllReduceTimer | None = None
+        self._warnings = 0
 
     # -- public API ---------------------------------------------------------------------------------
     def instrument(self, module: nn.Module) -> None:
@@ -375,22 +378,31 @@ class Agent:
         self.stats.hook_errors = self.recorder.hook_errors
         self.stats.module_labels = len(self.recorder.table.labels)
         self.stats.modules_truncated = self.recorder.table.truncated
+        spikes = [e for e in record.events if e.kind == "grad_spike"]
+        if spikes and self.config.on_explosion == "warn":
+            self._say(
+                f"gradient spike at step {record.step} (rank {record.rank}): "
+                + ", ".join(f"{e.module} {e.value:.4g} ({e.detail.get('ratio')}x median)" for e in spikes[:3])
+                + (f" and {len(spikes) - 3} more modules" if len(spikes) > 3 else "")
+            )
         for event in record.events:
-            if event.kind == "grad_spike" and self.config.on_explosion == "warn":
-                ratio = event.detail.get("ratio")
-                print(
-                    f"hooktrace: gradient spike at step {record.step} (rank {record.rank}): {event.module} "
-                    f"norm {event.value:.4g}, {ratio}x its rolling median",
-                    file=sys.stderr,
-                )
-            elif event.kind == "nonfinite":
+            if event.kind == "nonfinite":
                 if event.phase == "unknown":
                     self.recorder.hunt = HUNT_STEPS  # sample the next steps deeply to find the source
-                print(
-                    f"hooktrace: non-finite gradient at step {record.step} (rank {record.rank}): first in "
-                    f"{event.phase} of {event.detail.get('first_module', event.module)}",
-                    file=sys.stderr,
+                self._say(
+                    f"non-finite gradient at step {record.step} (rank {record.rank}): first in "
+                    f"{event.phase} of {event.detail.get('first_module', event.module)}"
                 )
+
+    def _say(self, message: str) -> None:
+        """Worker thread: a warning line on stderr, at most ``MAX_WARNINGS`` per run."""
+        self._warnings += 1
+        if self._warnings <= MAX_WARNINGS:
+            print(f"hooktrace: {message}", file=sys.stderr)
+        if self._warnings == MAX_WARNINGS:
+            print(
+                "hooktrace: further gradient warnings are counted (steps.jsonl, metrics), not printed", file=sys.stderr
+            )
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

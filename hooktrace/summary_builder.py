@@ -119,7 +119,14 @@ def merge_dir(out_dir: str, check_gradients: bool = False) -> dict[str, Any]:
         merged["grad_consistency"] = consistency
         for item in consistency["mismatches"]:
             merged["events"].append(
-                {"step": item["step"], "rank": -1, "kind": "grad_mismatch", "module": "__total__",
-                 "phase": "allreduce", "value": None, "grad_norms": item["grad_norms"]}
+                {
+                    "step": item["step"],
+                    "rank": -1,
+                    "kind": "grad_mismatch",
+                    "module": "__total__",
+                    "phase": "allreduce",
+                    "value": None,
+                    "grad_norms": item["grad_norms"],
+                }
             )
     return merged

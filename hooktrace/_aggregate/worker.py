@@ -90,11 +90,15 @@ class Worker:
             while self._queue:
                 self._handle(self._queue.popleft())
                 self._processed += 1
+                time.sleep(0)  # let the training thread take the GIL between steps
             now = time.monotonic()
             urgent = self._urgent.is_set()
-            if drained or urgent or now - last_flush >= FLUSH_INTERVAL_S:
-                self._flush()  # files get every step within a poll interval: a killed run loses little
+            if urgent or now - last_flush >= FLUSH_INTERVAL_S:
+                self._refresh_snapshot(now)
+                self._flush()
                 last_flush = now
+            elif drained:
+                self._flush()  # files get every step within a poll interval: a killed run loses little
             if urgent or now - last_checkpoint >= CHECKPOINT_INTERVAL_S:
                 self._checkpoint()
                 last_checkpoint = now
@@ -158,8 +162,6 @@ class Worker:
                 self.stats.export_errors[exporter.name] += 1
 
     def _flush(self) -> None:
-        if self.stats.steps:
-            self._refresh_snapshot(time.monotonic())
         for exporter in self.exporters:
             try:
                 exporter.flush()

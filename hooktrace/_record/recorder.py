@@ -76,6 +76,12 @@ class Recorder:
             self.hook_error(exc)
         return None
 
+    def on_node_grad(self, targets: list[tuple[int, int, int]], output_nr: int, grad_outputs: Any) -> None:
+        """Pre-hook of a watched tensor's autograd node (see ``hooks.watch_tensor``)."""
+        grad = grad_outputs[output_nr] if self.flow and output_nr < len(grad_outputs) else None
+        self.on_tensor_grad(targets, grad)
+        return None
+
     def on_tensor_grad(self, targets: list[tuple[int, int, int]], grad: Any) -> None:
         """Gradient hook of a watched tensor: one stamp for every module that shares the tensor."""
         try:

@@ -70,11 +70,10 @@ class GradHealth:
             if detail or ref.name in self.watch_params:
                 verdict.param_norms[ref.name] = value
             if per_param:
+                threshold = self.param_detector.threshold(ref.name)
                 spike, _ = self.param_detector.check(ref.name, value)
-                if spike:
-                    threshold = self.param_detector.threshold(ref.name)
-                    if threshold is not None:
-                        verdict.spike_params[pos] = threshold
+                if spike and threshold is not None:
+                    verdict.spike_params[pos] = threshold
         verdict.module_norms = {label: math.sqrt(sq) for label, sq in sq_label.items()}
         if verdict.nonfinite:
             return verdict

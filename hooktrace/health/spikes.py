@@ -1,8 +1,9 @@
 """Rolling-median spike detection for many series at once.
 
 A spike is a finite value above ``factor`` x the median of the same series over the last
-``window`` healthy steps, after ``warmup`` steps. Spikes and non-finite values are not added
-to the history, so one explosion does not raise the baseline of the next.
+``window`` steps, after ``warmup`` steps. Spikes enter the history too: a median ignores a few
+outliers, and a lasting change of level becomes the new baseline within half a window instead
+of being reported at every later step. Non-finite values never enter it.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class SpikeDetector:
         self._series: dict[str, RollingMedian] = {}
 
     def check(self, name: str, value: float) -> tuple[bool, float | None]:
-        """``(is_spike, ratio to median)``; records ``value`` in the history unless it spiked."""
+        """``(is_spike, ratio to median)``; records ``value`` in the history."""
         series = self._series.get(name)
         if series is None:
             if len(self._series) >= self.max_series:
@@ -62,8 +63,7 @@ class SpikeDetector:
         med = series.median()
         ratio = value / med if med else None
         spike = len(series.values) >= self.warmup and med is not None and med > 0 and value > self.factor * med
-        if not spike:
-            series.add(value)
+        series.add(value)
         return spike, ratio
 
     def threshold(self, name: str) -> float | None:

@@ -22,15 +22,35 @@ def _losses(stdout: str) -> list[str]:
 def _torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(DDP), *args],
-        capture_output=True, text=True, timeout=300, cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
     )
 
 
 def _hooktrace(out: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "hooktrace.cli.main", "run", "--metrics-port", "0", "--out", str(out),
-         "--sample-every", "2", "--nproc-per-node", "2", str(DDP), *args],
-        capture_output=True, text=True, timeout=300, cwd=cwd,
+        [
+            sys.executable,
+            "-m",
+            "hooktrace.cli.main",
+            "run",
+            "--metrics-port",
+            "0",
+            "--out",
+            str(out),
+            "--sample-every",
+            "2",
+            "--nproc-per-node",
+            "2",
+            str(DDP),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
     )
 
 
@@ -60,8 +80,11 @@ def test_a_rank_slowed_in_one_module_is_named_with_that_module(tmp_path: Path) -
     straggler = summary["straggler"]
     assert straggler["rank"] == 1 and straggler["ratio"] > 1.3
     assert straggler["modules"][0]["module"] == "bottleneck" and straggler["modules"][0]["phase"] == "forward"
-    per_rank = {m["rank"]: m["per_step_s"] for m in summary["modules"]
-                if m["module"] == "bottleneck" and m["phase"] == "forward"}
+    per_rank = {
+        m["rank"]: m["per_step_s"]
+        for m in summary["modules"]
+        if m["module"] == "bottleneck" and m["phase"] == "forward"
+    }
     assert per_rank[1] > 0.03 > per_rank[0]
     # the fast rank waits for the slow one in all-reduce
     fast = next(r for r in summary["ranks"] if r["rank"] == 0)
