@@ -41,7 +41,7 @@ class AllReduceTimer:
         process_group = ddp.process_group
 
         # No annotations: DDP checks them literally, and this module's are postponed strings.
-        def timed_allreduce(state, bucket):  # type: ignore[no-untyped-def]
+        def timed_allreduce(state, bucket):
             if self.enabled:
                 self._on_mark(self._start_mark, _now())
             future = allreduce_hook(process_group, bucket)

@@ -67,9 +67,9 @@ class GradNormCapture:
         if not grads:
             return None, present, None
         with torch.no_grad():
-            norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
+            norms = list(torch._foreach_norm(grads, 2, dtype=torch.float32))
             if not norms[0].is_cuda and not self._multi_device:
-                return list(norms), present, None  # the worker stacks them: one op less here
+                return norms, present, None  # the worker stacks them: one op less here
             if self._multi_device:
                 device = norms[0].device
                 norms = [n.to(device) for n in norms]
