@@ -79,6 +79,8 @@ class StepBuffer:
     """Sampled steps: ‖grad_output‖ per module call, in backward order (0-dim device tensors)."""
     input_grad_norms: list[tuple[int, Any]] = field(default_factory=list)
     """Sampled steps: ‖grad_input‖ per module call, in backward order."""
+    pending_outputs: list[tuple[int, Any]] = field(default_factory=list)
+    """Sampled steps: module outputs of the running forward, checked when the root's forward ends."""
     output_norms: list[tuple[int, Any]] = field(default_factory=list)
     """Sampled steps: sum of each module output, in forward completion order (finiteness check)."""
     buffer_norms: Any = None

@@ -36,7 +36,6 @@ _grad_enabled = torch.is_grad_enabled
 _graph_task_id = torch._C._current_graph_task_id
 _Tensor = torch.Tensor
 _weakref = weakref.ref
-_float32 = torch.float32
 
 
 def iter_tensors(value: Any) -> Iterator[torch.Tensor]:
@@ -124,11 +123,11 @@ def make_forward_hooks(rec: Recorder, index: int, tensor_backward: bool) -> tupl
             if rec.preflight is not None:
                 rec.preflight.observe(index, args, kwargs, output)
             if rec.check_outputs:
-                # Sampled steps: a sum is NaN/Inf when any element is, so the first non-finite
-                # module output can be named if this step's gradient goes non-finite. No sync.
+                # Sampled steps: keep the output until the root's forward ends, where one
+                # _foreach_norm(inf) checks them all (see Recorder.check_pending_outputs).
                 first = next(iter_tensors(output), None)
                 if first is not None and first.is_floating_point():
-                    buf.output_norms.append((index, first.detach().sum(dtype=_float32)))
+                    buf.pending_outputs.append((index, first))
             if tensor_backward and output is not None and _grad_enabled() and _graph_task_id() == -1:
                 call = buf.calls.get(index, 1) - 1
                 for tensor in iter_tensors(output):

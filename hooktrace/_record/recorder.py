@@ -101,6 +101,27 @@ class Recorder:
             self.hook_error(exc)
         return None
 
+    def check_pending_outputs(self) -> None:
+        """End of a root forward (sampled steps): the L2 norm of every module output in one
+        ``_foreach_norm`` (float32 results), kept on device; non-finite when the output held a
+        NaN/Inf (or above ~1e19, which only matters on a step that went non-finite anyway).
+        Drops the references so no activation outlives its forward because of hooktrace."""
+        buf = self.buf
+        pending = buf.pending_outputs
+        if not pending:
+            return
+        buf.pending_outputs = []
+        try:
+            with torch.no_grad():
+                norms = torch._foreach_norm([t.detach() for _, t in pending], 2, dtype=torch.float32)
+            buf.output_norms.extend((index, norm) for (index, _), norm in zip(pending, norms, strict=True))
+        except Exception as exc:  # mixed devices/dtypes: fall back to one reduction each
+            try:
+                with torch.no_grad():
+                    buf.output_norms.extend((i, t.detach().float().norm()) for i, t in pending)
+            except Exception:
+                self.hook_error(exc)
+
     def hook_error(self, exc: BaseException) -> None:
         """Count a hook failure; after too many, detach (once) and say so once."""
         self.hook_errors += 1

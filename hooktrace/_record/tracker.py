@@ -130,6 +130,8 @@ class StepTracker:
         if carry:
             buf.marks = [mark for mark in buf.marks if mark[1] <= end]
         buf.end_ns = end
+        if buf.pending_outputs:
+            self.rec.check_pending_outputs()  # modules called outside a root's forward
         if self._active:
             buf.overhead_ns += self.rec.deactivate()
             self._active = False
@@ -217,6 +219,8 @@ class StepTracker:
                 rec.hook_error(exc)
             if rec.buf.sampled:
                 forward_post(module, args, kwargs, output)  # after: the phase mark precedes module stamps
+                if self._depth == 0:
+                    rec.check_pending_outputs()
             return None
 
         return root_post

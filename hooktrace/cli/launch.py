@@ -104,7 +104,12 @@ def run_target(config: Config, target: str, args: list[str], *, module: bool, pr
         sys.argv = saved_argv
         if saved_path0 is not None:
             sys.path[0] = saved_path0
+        late: list[int] = []
+        if _main_thread():  # a SIGTERM now (torchrun stopping the other ranks) must not cut the flush
+            signal.signal(signal.SIGTERM, lambda signum, frame: late.append(signum))
         summary = agent.close()
+        if late and code == 0:
+            code = 128 + late[0]
         if flusher is not None:
             flusher.close()
         if previous is not None:

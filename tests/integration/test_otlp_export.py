@@ -200,7 +200,6 @@ def test_a_collector_that_is_down_leaves_training_unchanged_and_counts_the_dropp
     assert down.stderr.count("hooktrace: could not send spans to") == 1
 
 
-@pytest.mark.skipif(not DDP.exists(), reason="examples/train_ddp.py arrives with the distributed issue")
 def test_two_ddp_ranks_send_one_trace_per_step_with_both_rank_spans_under_one_root(tmp_path: Path) -> None:
     with _receiver() as collector:
         _hooktrace_run(

@@ -161,6 +161,10 @@ def test_stack_up_names_the_flag_in_one_line_when_a_port_is_taken(tmp_path: Path
 
 def test_stack_down_leaves_alone_a_process_that_now_has_a_recorded_pid(tmp_path: Path) -> None:
     stranger = subprocess.Popen(["sleep", "30"])
+    deadline = time.monotonic() + 10
+    while b"sleep" not in Path(f"/proc/{stranger.pid}/cmdline").read_bytes():  # exec has happened
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     try:
         entry = {"pid": stranger.pid, "argv": ["/usr/bin/prometheus", "--config.file=x"]}
         (tmp_path / "stack.json").write_text(json.dumps({"prometheus": entry}))
