@@ -23,7 +23,7 @@ from hooktrace._aggregate.snapshot import RankInfo
 from hooktrace._aggregate.stats import RankStats
 from hooktrace._aggregate.step_record import StepRecord
 from hooktrace._aggregate.worker import Worker
-from hooktrace._record.buffer import M_AR, M_AR_END, StepBuffer
+from hooktrace._record.buffer import M_AR_END, StepBuffer
 from hooktrace._record.clock import clock_for
 from hooktrace._record.comm import AllReduceTimer, is_ddp
 from hooktrace._record.discovery import Discovery
@@ -205,8 +205,8 @@ class Agent:
             if self._closed:
                 return self.summary()
             self._closed = True
-        if not self.recorder.buf.skipped:
-            self.tracker.close_step()
+        self.tracker.check_reset_without_step()
+        self.tracker.close_step()
         self.detach()
         self._start()
         self.worker.close(timeout)
@@ -222,12 +222,13 @@ class Agent:
         return self.worker.flush_now(timeout)
 
     def _checkpoint(self) -> None:
-        """Worker thread: rewrite summary.json with what is aggregated so far."""
-        write_summary(self.out_dir, self.summary())
+        """Worker thread: rewrite this rank's summary with what is aggregated so far (and the
+        merged summary.json in a single-process run; ranks merge once, at close)."""
+        write_summary(self.out_dir, build_summary(self), merge=self.info.world_size == 1)
 
     def summary(self) -> RunSummary:
-        """The run summary so far (this rank)."""
-        return build_summary(self)
+        """The run summary so far (this rank). Built on the worker thread, which owns the data."""
+        return self.worker.call(lambda: build_summary(self))
 
     def trace_id(self, step: int) -> str:
         """Same on every rank without communication: hash(run id, restart count, step)."""
@@ -317,7 +318,7 @@ class Agent:
         """At the first forward (after the user had the chance to register a comm hook of theirs)."""
         if self._allreduce_timer is None:
             rec = self.recorder
-            self._allreduce_timer = AllReduceTimer(lambda mark, t: rec.buf.marks.append((mark, t)), M_AR, M_AR_END)
+            self._allreduce_timer = AllReduceTimer(lambda mark, t: rec.buf.marks.append((mark, t)), M_AR_END)
         reason = self._allreduce_timer.install(ddp)
         if reason:
             self._warn_once("comm_hook", f"hooktrace: {reason}")

@@ -180,9 +180,4 @@ def _parse(name: str, raw: str) -> Any:
     return raw
 
 
-def with_overrides(config: Config, **changes: Any) -> Config:
-    """A copy of ``config`` with some fields changed (validated again)."""
-    return dataclasses.replace(config, **changes)
-
-
 __all__ = ["BackwardMode", "Config", "ExplosionAction", "NonFiniteAction"]

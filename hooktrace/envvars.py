@@ -54,6 +54,16 @@ HOOKTRACE_TRACE_RANKS = "HOOKTRACE_TRACE_RANKS"
 """Ranks that emit span detail: comma-separated ranks (``0,3``) or ``auto`` (every rank up to 8
 ranks, else rank 0 and the slowest). Rank 0 always emits the root ``step {n}`` span. Default: auto."""
 
+HOOKTRACE_QUIET_SUMMARY = "HOOKTRACE_QUIET_SUMMARY"
+"""Set to 1 by ``hooktrace run --nproc-per-node``: workers stay quiet, the launcher prints the
+merged summary. Not a config field."""
+
+
+def quiet_summary(environ: Mapping[str, str] | None = None) -> bool:
+    env = os.environ if environ is None else environ
+    return env.get(HOOKTRACE_QUIET_SUMMARY) == "1"
+
+
 CONFIG_ENV: dict[str, str] = {
     "out": HOOKTRACE_OUT,
     "run_id": HOOKTRACE_RUN_ID,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 
+from hooktrace import envvars
 from hooktrace.config import Config
 from hooktrace.errors import ConfigError
 
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from hooktrace.cli.launch import run_target
 
-    quiet = os.environ.get("HOOKTRACE_QUIET_SUMMARY") == "1"
+    quiet = envvars.quiet_summary()
     return run_target(config, target, rest, module=module, print_summary=not quiet)
 
 

@@ -119,7 +119,7 @@ def merge_summaries(parts: list[dict[str, Any]]) -> dict[str, Any]:
     parts = sorted(parts, key=lambda p: p["ranks"][0]["rank"] if p.get("ranks") else 0)
     first = parts[0]
     ranks = [r for p in parts for r in p.get("ranks", [])]
-    modules = [m for p in parts for m in p.get("modules", [])]
+    modules = sorted((m for p in parts for m in p.get("modules", [])), key=lambda m: m["total_s"], reverse=True)
     events = sorted((e for p in parts for e in p.get("events", [])), key=lambda e: (e.get("step", 0), e.get("rank", 0)))
     overheads = [r.get("overhead_ratio", 0.0) for r in ranks]
     merged = dict(first)
@@ -133,6 +133,7 @@ def merge_summaries(parts: list[dict[str, Any]]) -> dict[str, Any]:
             "overhead_ratio": max(overheads) if overheads else 0.0,
             "straggler": find_straggler(ranks, modules),
             "notes": sorted({n for p in parts for n in p.get("notes", [])}),
+            "never_called": sorted(set.intersection(*(set(p.get("never_called", [])) for p in parts))),
         }
     )
     return merged

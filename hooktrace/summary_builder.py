@@ -59,11 +59,12 @@ def rank_summary_path(out_dir: str, rank: int) -> str:
     return os.path.join(out_dir, f"rank{rank}.summary.json")
 
 
-def write_summary(out_dir: str, summary: RunSummary) -> None:
-    """Write this rank's part, then ``summary.json`` merged over every rank part present."""
+def write_summary(out_dir: str, summary: RunSummary, merge: bool = True) -> None:
+    """Write this rank's part, then (``merge``) ``summary.json`` merged over every rank part."""
     rank = summary.ranks[0]["rank"] if summary.ranks else 0
     write_json_atomic(rank_summary_path(out_dir, rank), summary.as_dict())
-    write_json_atomic(os.path.join(out_dir, "summary.json"), merge_dir(out_dir))
+    if merge:
+        write_json_atomic(os.path.join(out_dir, "summary.json"), merge_dir(out_dir))
 
 
 def gradient_consistency(out_dir: str, tolerance: float = 1e-5, keep: int = 20) -> dict[str, Any]:

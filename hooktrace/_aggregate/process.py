@@ -47,7 +47,6 @@ class StepProcessor:
             phase_spans=phase_intervals(start, end, buf.marks),
             micro_batches=buf.micro_batches,
             optimizer_steps=buf.optimizer_steps,
-            eval_calls=buf.eval_calls,
             skipped=buf.skipped,
             overhead_s=buf.overhead_ns / 1e9,
         )
@@ -56,11 +55,15 @@ class StepProcessor:
         if buf.events:
             record.spans = self._spans(buf)
             if buf.clock is None or buf.clock.kind == "cpu":
-                record.phase_spans = phase_intervals(start, end, _align_backward_marks(buf.marks, record.spans))
-                record.phases = phase_durations(start, end, _align_backward_marks(buf.marks, record.spans))
+                aligned = _align_backward_marks(buf.marks, record.spans)
+                record.phase_spans = phase_intervals(start, end, aligned)
+                record.phases = phase_durations(start, end, aligned)
         self._gradients(buf, record)
         if buf.skipped:
             record.events.append(StepEvent("amp_skip", "__total__", "optimizer"))
+        if buf.hook_errors:
+            record.hook_errors = buf.hook_errors
+            record.events.append(StepEvent("hook_error", "__total__", "unknown", float(buf.hook_errors)))
         return record
 
     def _spans(self, buf: StepBuffer) -> list[ModuleSpan]:
@@ -70,7 +73,7 @@ class StepProcessor:
             resolved = stamps
         else:
             resolved = clock.resolve(stamps, buf.anchor)
-            clock.release(stamps)
+            clock.release([*stamps, buf.anchor[0]] if clock.kind == "cuda" else stamps)
         events = [(k, i, c, t) for (k, i, c, _), t in zip(buf.events, resolved, strict=True)]
         backward_ends = sorted(t for m, t in buf.marks if m == M_BWD_END)
         infos = self.table.infos

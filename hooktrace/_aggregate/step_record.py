@@ -63,7 +63,6 @@ class StepRecord:
     """``(phase, start_ns, end_ns)`` on the host monotonic clock, covering the step."""
     micro_batches: int
     optimizer_steps: int
-    eval_calls: int = 0
     skipped: bool = False
     grad_norm: float | None = None
     grad_norm_ratio: float | None = None

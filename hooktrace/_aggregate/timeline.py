@@ -185,8 +185,19 @@ def _close_open_backward(backward: list[Interval], backward_end_ns: list[int], p
 
 def _nest(intervals: list[Interval], parents: list[int]) -> None:
     """Attach each interval to its enclosing one of the same phase group; compute child time."""
+    depth: dict[int, int] = {}
+
+    def tree_depth(index: int) -> int:
+        if index not in depth:
+            parent = parents[index] if 0 <= index < len(parents) else -1
+            depth[index] = 0 if parent < 0 else tree_depth(parent) + 1
+        return depth[index]
+
     for group in ({"forward", "eval", "recompute"}, {"backward"}):
-        members = sorted((iv for iv in intervals if iv.phase in group), key=lambda iv: (iv.start, -iv.end))
+        # equal intervals (a wrapper and its only child share stamps): the module tree decides
+        members = sorted(
+            (iv for iv in intervals if iv.phase in group), key=lambda iv: (iv.start, -iv.end, tree_depth(iv.index))
+        )
         stack: list[Interval] = []
         for iv in members:
             while stack and not (iv.start >= stack[-1].start and iv.end <= stack[-1].end):

@@ -12,6 +12,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import TypeVar
 
 from hooktrace._aggregate.process import StepProcessor
 from hooktrace._aggregate.snapshot import MetricsSnapshot
@@ -21,6 +22,8 @@ from hooktrace._record.buffer import StepBuffer
 from hooktrace.export.base import Exporter
 
 FLUSH_INTERVAL_S = 2.0
+T = TypeVar("T")
+
 POLL_INTERVAL_S = 0.05
 SNAPSHOT_INTERVAL_S = 0.5
 CHECKPOINT_INTERVAL_S = 10.0
@@ -55,6 +58,7 @@ class Worker:
         self._urgent = threading.Event()
         self._urgent_done = threading.Event()
         self._on_checkpoint = on_checkpoint
+        self._tasks: deque[Callable[[], None]] = deque()
         self.dropped_steps = 0
         self.process_errors = 0
         self.first_error: str | None = None
@@ -86,6 +90,11 @@ class Worker:
         while True:
             woken = self._wake.wait(POLL_INTERVAL_S)
             self._wake.clear()
+            while self._tasks:
+                try:
+                    self._tasks.popleft()()
+                except Exception:
+                    self.stats.export_errors["worker"] += 1
             drained = bool(self._queue)
             while self._queue:
                 self._handle(self._queue.popleft())
@@ -115,6 +124,26 @@ class Worker:
             except Exception:
                 self.stats.export_errors["summary"] += 1
 
+    def call(self, fn: Callable[[], T], timeout: float = 5.0) -> T:
+        """Run ``fn`` on the worker thread (which owns the aggregates) and return its result;
+        runs it here when the worker is not running."""
+        if not self.started or not self._thread.is_alive() or threading.current_thread() is self._thread:
+            return fn()
+        box: list[T] = []
+        done = threading.Event()
+
+        def task() -> None:
+            try:
+                box.append(fn())
+            finally:
+                done.set()
+
+        self._tasks.append(task)
+        self._wake.set()
+        if not done.wait(timeout) or not box:
+            raise TimeoutError("the hooktrace worker did not answer in time")
+        return box[0]
+
     def flush_now(self, timeout: float) -> bool:
         """Any thread: process what is queued, flush files and write the summary, now (signals)."""
         if not self.started or not self._thread.is_alive():
@@ -125,6 +154,20 @@ class Worker:
         return self._urgent_done.wait(timeout)
 
     def _handle(self, buf: StepBuffer) -> None:
+        """Never lets an exception end the worker thread: a step that fails is counted."""
+        try:
+            self._handle_step(buf)
+        except Exception as exc:
+            self._count_error(buf, exc)
+
+    def _count_error(self, buf: StepBuffer, exc: BaseException) -> None:
+        self.process_errors += 1
+        self.stats.export_errors["aggregate"] += 1
+        if self.first_error is None:
+            self.first_error = f"{type(exc).__name__}: {exc}"
+            print(f"hooktrace: could not aggregate step {buf.number}: {self.first_error}", file=sys.stderr)
+
+    def _handle_step(self, buf: StepBuffer) -> None:
         try:
             record = self.processor.process(buf)
         except Exception as exc:
@@ -137,6 +180,11 @@ class Worker:
         self.stats.dropped["steps"] = self.dropped_steps
         if buf.dropped_events:
             self.stats.dropped["module_events"] += buf.dropped_events
+        for exporter in self.exporters:
+            if exporter.name == "perfetto":  # events beyond --max-trace-events
+                dropped = getattr(exporter, "dropped", 0)
+                if dropped:
+                    self.stats.dropped["trace_events"] = dropped
         self.stats.add(record)
         now = time.monotonic()
         if self._snapshot is None or now - self._snapshot_at >= SNAPSHOT_INTERVAL_S:

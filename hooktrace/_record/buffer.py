@@ -33,8 +33,6 @@ M_BWD = 3
 M_BWD_END = 4
 M_OPT = 5
 M_OPT_END = 6
-M_AR = 7
-"""A DDP gradient bucket was handed to all-reduce."""
 M_AR_END = 8
 """A bucket's all-reduce completed (recorded on the communication thread)."""
 
@@ -60,7 +58,6 @@ class StepBuffer:
     micro_batches: int = 0
     optimizer_steps: int = 0
     backward_passes: int = 0
-    eval_calls: int = 0
     end_ns: int = 0
     skipped: bool = False
     """Backward ran but no optimizer stepped (e.g. GradScaler found inf); closed at the next forward."""
@@ -72,8 +69,8 @@ class StepBuffer:
     """Synchronous health verdict (clip/raise modes), computed at the optimizer pre-hook."""
     overhead_ns: int = 0
     """Measured time in hooktrace's heavier training-thread work (registration, norms, close)."""
-    hook_calls: int = 0
-    """Module hook invocations (events) of this step, for the overhead estimate."""
+    hook_errors: int = 0
+    """Hook errors counted during this step (a ``hook_error`` event when non-zero)."""
     dropped_events: int = 0
     output_grad_norms: list[tuple[int, Any]] = field(default_factory=list)
     """Sampled steps: ‖grad_output‖ per module call, in backward order (0-dim device tensors)."""

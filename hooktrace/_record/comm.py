@@ -1,9 +1,11 @@
 """All-reduce timing for DDP through a communication hook that wraps the default all-reduce.
 
 The hook is PyTorch's own ``allreduce_hook`` (DDP's documented equivalent of running without a
-hook, so gradients are bit-identical), with a mark when a bucket is handed over and one when its
-future completes. A user's own comm hook is never replaced: with one present, hooktrace does
-not register anything and says so in the summary. DDP cannot unregister a comm hook, so after
+hook, so gradients are bit-identical), with a mark when a bucket's future completes: time after
+backward compute ended and before the last bucket completed is the exposed ``allreduce`` phase.
+On NCCL the future completes when the collective is enqueued, so this measures little there.
+A user's own comm hook is never replaced: with one present, hooktrace does not register
+anything and says so in the summary. DDP cannot unregister a comm hook, so after
 ``detach`` the wrapper keeps running as a plain ``allreduce_hook`` that records nothing.
 """
 
@@ -26,9 +28,8 @@ def is_ddp(module: nn.Module) -> bool:
 class AllReduceTimer:
     """Installs the timing comm hook on one DDP module; ``on_mark(mark, t)`` records marks."""
 
-    def __init__(self, on_mark: Callable[[int, int], None], start_mark: int, end_mark: int) -> None:
+    def __init__(self, on_mark: Callable[[int, int], None], end_mark: int) -> None:
         self._on_mark = on_mark
-        self._start_mark = start_mark
         self._end_mark = end_mark
         self.enabled = True
 
@@ -36,14 +37,19 @@ class AllReduceTimer:
         """Register the hook; returns why not when it cannot (a user hook is already there)."""
         if getattr(ddp, "_comm_hooks", None):
             return "the model has its own DDP comm hook; all-reduce is not timed separately"
+        try:
+            self._register(ddp)
+        except (RuntimeError, ValueError) as exc:  # e.g. a built-in comm hook is already there
+            return f"could not time all-reduce ({exc}); the model's own communication is unchanged"
+        return None
+
+    def _register(self, ddp: Any) -> None:
         from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
         process_group = ddp.process_group
 
         # No annotations: DDP checks them literally, and this module's are postponed strings.
         def timed_allreduce(state, bucket):
-            if self.enabled:
-                self._on_mark(self._start_mark, _now())
             future = allreduce_hook(process_group, bucket)
             if not self.enabled:
                 return future
@@ -56,4 +62,3 @@ class AllReduceTimer:
             return future.then(done)
 
         ddp.register_comm_hook(None, timed_allreduce)
-        return None

@@ -7,6 +7,7 @@ fast path) and re-added on sampled steps, so models created later are still foun
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -30,7 +31,7 @@ class Discovery:
         self._busy = busy
         self._known = known
         self._on_error = on_error
-        self._rejected: set[int] = set()
+        self._rejected: weakref.WeakSet[nn.Module] = weakref.WeakSet()
         self._handle: RemovableHandle | None = None
 
     @property
@@ -50,10 +51,10 @@ class Discovery:
         if torch.compiler.is_compiling():
             return None
         try:
-            if self._busy() or id(module) in self._rejected or self._known(module):
+            if self._busy() or module in self._rejected or self._known(module):
                 return None
             if not any(p.requires_grad for p in module.parameters()):
-                self._rejected.add(id(module))  # losses, activations, frozen teachers
+                self._rejected.add(module)  # losses, activations, frozen teachers
                 return None
             self._adopt(module, args)
         except Exception as exc:

@@ -65,16 +65,16 @@ def watch_tensor(rec: Recorder, buf: StepBuffer, tensor: torch.Tensor, kind: int
     if entry is not None and entry[0]() is tensor:
         entry[1].append((kind, index, call))
         return
+    node = tensor.grad_fn
+    if node is None:
+        return  # a leaf (a parameter passed as an argument): its hooks would outlive the step
     targets = [(kind, index, call)]
     watched[key] = (_weakref(tensor), targets)
-    node = tensor.grad_fn
     if node is not None:
         # A pre-hook on the tensor's autograd node fires when its gradient is complete, like a
         # tensor hook, and stays with the node if the tensor is later modified in place; it
         # costs ~2 us to register where Tensor.register_hook costs ~20 us.
         node.register_prehook(partial(rec.on_node_grad, targets, tensor.output_nr))
-    else:
-        tensor.register_hook(partial(rec.on_tensor_grad, targets))
 
 
 def make_forward_hooks(rec: Recorder, index: int, tensor_backward: bool) -> tuple[Callable[..., None], ...]:
@@ -120,6 +120,8 @@ def make_forward_hooks(rec: Recorder, index: int, tensor_backward: bool) -> tupl
                 buf.dropped_events += 1
                 return None
             events.append((FWD_END, index, 0, rec.stamp()))
+            if not (_grad_enabled() and _graph_task_id() == -1):
+                return None  # eval and checkpoint-recompute calls: timing only
             if rec.preflight is not None:
                 rec.preflight.observe(index, args, kwargs, output)
             if rec.check_outputs:
@@ -128,7 +130,7 @@ def make_forward_hooks(rec: Recorder, index: int, tensor_backward: bool) -> tupl
                 first = next(iter_tensors(output), None)
                 if first is not None and first.is_floating_point():
                     buf.pending_outputs.append((index, first))
-            if tensor_backward and output is not None and _grad_enabled() and _graph_task_id() == -1:
+            if tensor_backward and output is not None:
                 call = buf.calls.get(index, 1) - 1
                 for tensor in iter_tensors(output):
                     if tensor.requires_grad:

@@ -14,13 +14,19 @@ from torch import nn
 
 from hooktrace._aggregate.snapshot import OTHER
 
-WRAPPER_PARTS = ("module", "_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
-"""Name parts added by DDP, torch.compile, FSDP and checkpoint wrappers; removed from names."""
+WRAPPER_PARTS = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+"""Name parts added by torch.compile, FSDP and checkpoint wrappers (anywhere in a name)."""
+
+DDP_PREFIX = "module"
+"""DDP's wrapped model: removed only as the first part, so a user's ``encoder.module`` stays."""
 
 
 def clean_name(name: str) -> str:
     """``module._orig_mod.blocks.0`` -> ``blocks.0``; the root itself is ``""``."""
-    return ".".join(part for part in name.split(".") if part and part not in WRAPPER_PARTS)
+    parts = [part for part in name.split(".") if part and part not in WRAPPER_PARTS]
+    if parts and parts[0] == DDP_PREFIX:
+        parts = parts[1:]
+    return ".".join(parts)
 
 
 def cut_name(name: str, depth: int) -> str:
@@ -125,6 +131,3 @@ class ModuleTable:
             return OTHER
         self.labels.add(label)
         return label
-
-    def display(self, index: int) -> str:
-        return self.infos[index].display

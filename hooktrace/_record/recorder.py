@@ -7,6 +7,7 @@ unsampled step runs the model's fast path with no per-module hook at all.
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -26,8 +27,8 @@ MAX_HOOK_ERRORS = 100
 """After this many hook errors the agent detaches itself and warns once."""
 
 
-def _never() -> bool:
-    return False
+def _always() -> bool:
+    return True
 
 
 class Recorder:
@@ -44,6 +45,7 @@ class Recorder:
         self.preflight: Preflight | None = Preflight() if backward == "full" else None
         self.full_skipped: dict[int, str] = {}
         self.hook_errors = 0
+        self.fatal = False
         self.first_error: str | None = None
         self.flow = False
         """Deep steps: record output and gradient norms per module (gradient flow, NaN localisation).
@@ -84,6 +86,8 @@ class Recorder:
 
     def on_tensor_grad(self, targets: list[tuple[int, int, int]], grad: Any) -> None:
         """Gradient hook of a watched tensor: one stamp for every module that shares the tensor."""
+        if self.skip():
+            return None
         try:
             buf = self.buf
             events = buf.events
@@ -133,7 +137,10 @@ class Recorder:
                 "detaching to protect training. Please report this.",
                 file=sys.stderr,
             )
-            self._on_fatal()
+            self.fatal = True
+            self.skip = _always  # every hook returns at its first line from now on
+            if threading.current_thread() is threading.main_thread():
+                self._on_fatal()  # hooks removed; from another thread they stay inert until close
 
     # -- set-up (training thread, outside hooks) ------------------------------------------------
     def refresh_roots(self) -> None:
@@ -170,6 +177,11 @@ class Recorder:
         """Keep a module's hooks on every step (``--watch``)."""
         self._pinned.add(index)
         self._register(index)
+
+    @property
+    def pinned(self) -> bool:
+        """Whether some modules keep their hooks on every step (``--watch``)."""
+        return bool(self._pinned)
 
     def forward_hooks(self, index: int) -> tuple[Callable[..., None], ...]:
         return self._forward_hooks[index]

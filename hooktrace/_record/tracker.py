@@ -30,6 +30,10 @@ from hooktrace._record.buffer import (
 from hooktrace._record.hooks import iter_tensors
 from hooktrace._record.recorder import Recorder
 
+MAX_MICRO_BATCHES = 10_000
+"""A step that never sees an optimizer step nor a gradient reset is closed after this many
+forwards, so buffers stay bounded whatever the loop does."""
+
 FLOW_EVERY = 10
 """Every 10th sampled step (and step 1) is deep: per-module output and gradient norms."""
 
@@ -70,6 +74,7 @@ class StepTracker:
         self.optimizer_seen = False
         self.closed_steps = 0
         self._active = False
+        self._errors_seen = 0
 
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -130,6 +135,8 @@ class StepTracker:
         if carry:
             buf.marks = [mark for mark in buf.marks if mark[1] <= end]
         buf.end_ns = end
+        buf.hook_errors = self.rec.hook_errors - self._errors_seen
+        self._errors_seen = self.rec.hook_errors
         if buf.pending_outputs:
             self.rec.check_pending_outputs()  # modules called outside a root's forward
         if self._active:
@@ -141,7 +148,8 @@ class StepTracker:
         sampled = (number - 1) % self.sample_every == 0 or self.rec.hunt > 0
         nxt = StepBuffer(number=number, sampled=sampled, start_ns=end, marks=carry)
         nxt.clock = self.rec.clock
-        nxt.anchor = self.rec.clock.anchor()
+        if sampled or self.rec.pinned:  # an anchor maps this step's device stamps to host time
+            nxt.anchor = self.rec.clock.anchor()
         self._pending_close = False
         self._backward_since_optimizer = False
         self.closed_steps += 1
@@ -225,22 +233,37 @@ class StepTracker:
 
         return root_post
 
-    def _start_forward(self, now: int) -> None:
-        while self.before_forward:
-            self.before_forward.pop()()
+    def check_reset_without_step(self) -> None:
+        """A backward ran and the gradients were reset, but no optimizer stepped: a step ends.
+
+        With an optimizer seen before, that is a skipped step (GradScaler found inf); without
+        one, a loop that updates parameters by hand. Gradients kept (accumulation) are no step.
+        """
         buf = self.rec.buf
         if self._backward_since_optimizer and not self._pending_close:
             probe = self._grad_probe
-            if probe is not None and probe.grad is None:
-                buf.skipped = True  # backward ran, grads were reset, no optimizer step
+            reset = probe is not None and probe.grad is None
+            if reset or buf.micro_batches >= MAX_MICRO_BATCHES:
+                buf.skipped = reset and self.optimizer_seen
                 self._pending_close = True
+
+    def _start_forward(self, now: int) -> None:
+        while self.before_forward:
+            setup = self.before_forward.pop()
+            try:
+                setup()
+            except Exception as exc:
+                self.rec.hook_error(exc)
+        buf = self.rec.buf
+        self.check_reset_without_step()
         if self._pending_close:
             self.close_step()
             buf = self.rec.buf
         if buf.start_ns == 0:
             buf.start_ns = now
             buf.clock = self.rec.clock
-            buf.anchor = self.rec.clock.anchor()
+            if buf.sampled or self.rec.pinned:
+                buf.anchor = self.rec.clock.anchor()
             if buf.sampled and not self._active:
                 self._begin_sampled(buf)
         buf.marks.append((M_FWD, now))
@@ -248,6 +271,8 @@ class StepTracker:
 
     # -- backward -----------------------------------------------------------------------------------------
     def _on_root_grad(self, grad: Any) -> None:
+        if self.rec.skip():
+            return None
         try:
             if not self._in_backward:
                 self._in_backward = True
@@ -275,6 +300,8 @@ class StepTracker:
 
     # -- optimizer --------------------------------------------------------------------------------------------
     def _optimizer_pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self.rec.skip():
+            return None  # compiled optimizer step or CUDA graph capture: record nothing
         buf = self.rec.buf
         buf.marks.append((M_OPT, _now()))
         if buf.optimizer_steps == 0 and buf.grad_norms is None:
@@ -282,6 +309,8 @@ class StepTracker:
         return None
 
     def _optimizer_post(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self.rec.skip():
+            return None
         try:
             buf = self.rec.buf
             buf.marks.append((M_OPT_END, _now()))

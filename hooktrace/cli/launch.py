@@ -56,13 +56,14 @@ class SignalFlusher:
             except OSError:
                 return
             if not data:
+                os.close(self._read)
                 return
             if any(b in (signal.SIGTERM, signal.SIGINT) for b in data):
                 self._agent.flush_now(timeout=3.0)
 
     def close(self) -> None:
         signal.set_wakeup_fd(self._previous)
-        os.close(self._write)
+        os.close(self._write)  # the watcher sees end of file, exits and closes its end
 
 
 def _exit_code(exc: SystemExit) -> int:
@@ -107,7 +108,11 @@ def run_target(config: Config, target: str, args: list[str], *, module: bool, pr
         late: list[int] = []
         if _main_thread():  # a SIGTERM now (torchrun stopping the other ranks) must not cut the flush
             signal.signal(signal.SIGTERM, lambda signum, frame: late.append(signum))
-        summary = agent.close()
+        try:
+            summary = agent.close()
+        except Exception as exc:  # never replace the script's own outcome
+            print(f"hooktrace: could not finish the run's files: {exc}", file=sys.stderr)
+            summary = agent.summary()
         if late and code == 0:
             code = 128 + late[0]
         if flusher is not None:

@@ -50,7 +50,7 @@ def config_env(config: Config) -> dict[str, str]:
 
 
 def launch_distributed(config: Config, target: str, args: list[str], *, module: bool, torchrun: dict[str, Any]) -> int:
-    env = {**os.environ, **config_env(config), "HOOKTRACE_QUIET_SUMMARY": "1"}
+    env = {**os.environ, **config_env(config), envvars.HOOKTRACE_QUIET_SUMMARY: "1"}
     entry = ["-m", "hooktrace.run"] + (["-m", target] if module else [target])
     cmd = [sys.executable, "-m", "torch.distributed.run", *torchrun_argv(torchrun), *entry, *args]
     proc = subprocess.Popen(cmd, env=env)
@@ -58,7 +58,9 @@ def launch_distributed(config: Config, target: str, args: list[str], *, module: 
     def forward(signum: int, frame: object) -> None:
         proc.send_signal(signum)
 
-    old_int = signal.signal(signal.SIGINT, forward)
+    # Ctrl-C reaches torchrun and the workers through the terminal's process group already;
+    # SIGTERM (from a scheduler) is sent to this process only, so pass it on.
+    old_int = signal.signal(signal.SIGINT, lambda signum, frame: None)
     old_term = signal.signal(signal.SIGTERM, forward)
     try:
         code = proc.wait()

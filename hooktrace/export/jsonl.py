@@ -36,7 +36,7 @@ class StepsJsonlExporter:
 
     def start(self) -> None:
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - lives as long as the run
+        self._file = open(self.path, "w", encoding="utf-8")  # noqa: SIM115 - lives as long as the run
 
     def export_step(self, step: StepRecord, snapshot: MetricsSnapshot) -> None:
         if self._file is None:

@@ -39,11 +39,8 @@ class GradNormCapture:
         """All parameters (tied ones once), refreshed when modules were added."""
         if self._table_size != len(self.table):
             self._params = [
-                ParamRef(name, param, info.index)
-                for info in self.table.infos
-                for name, param in info.params
-                if param.requires_grad
-            ]
+                ParamRef(name, param, info.index) for info in self.table.infos for name, param in info.params
+            ]  # frozen ones too: their grad is None until they are unfrozen
             self._table_size = len(self.table)
             self._tensors = [ref.param for ref in self._params]
             self._multi_device = len({t.device for t in self._tensors}) > 1
@@ -78,7 +75,7 @@ class GradNormCapture:
             host = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=True)
             host.copy_(stacked, non_blocking=True)
             ready = torch.cuda.Event()
-            ready.record()
+            ready.record(torch.cuda.current_stream(stacked.device))
             return host, present, ready
         return stacked, present, None
 
