@@ -62,10 +62,7 @@ def _sel(*extra: str) -> str:
 def _per_call(metric: str, by: str, *extra: str, window: str = RATE) -> str:
     """Mean seconds per observation of a summary/histogram: rate(_sum) / rate(_count)."""
     sel = _sel(*extra)
-    return (
-        f"sum by ({by}) (rate({metric}_sum{sel}{window}))\n"
-        f"/ sum by ({by}) (rate({metric}_count{sel}{window}))"
-    )
+    return f"sum by ({by}) (rate({metric}_sum{sel}{window}))\n/ sum by ({by}) (rate({metric}_count{sel}{window}))"
 
 
 def _increase(metric: str, by: str) -> str:
@@ -261,8 +258,7 @@ def _overview(d: db.Dashboard, ids: Iterator[int]) -> None:
         _graph(
             ids,
             "Step time / median rank",
-            "Each rank's 5m mean step time divided by the median rank's (recording rule); "
-            "a straggler stands above 1.",
+            "Each rank's 5m mean step time divided by the median rank's (recording rule); a straggler stands above 1.",
             "none",
             _targets(
                 (f"hooktrace:step_duration_seconds:ratio_to_median{_sel()}", "rank {{rank}}"),
@@ -464,9 +460,7 @@ def _agent(ids: Iterator[int]) -> db.Row:
             "Export errors",
             "Errors raised by exporters on the worker thread, by exporter.",
             "short",
-            _targets(
-                (_increase("hooktrace_export_errors_total", "rank, exporter"), "rank {{rank}} {{exporter}}")
-            ),
+            _targets((_increase("hooktrace_export_errors_total", "rank, exporter"), "rank {{rank}} {{exporter}}")),
             bars=True,
         ),
         small(
