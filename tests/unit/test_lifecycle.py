@@ -232,3 +232,34 @@ def test_a_compiled_model_is_timed_at_its_boundary_and_warns_once(
     assert summary.steps == 3
     assert {m["module"] for m in summary.modules} == {"OptimizedModule"}
     assert capsys.readouterr().err.count("torch.compile'd") == 1
+
+
+def test_a_parameter_passed_as_an_argument_gets_no_hook_that_outlives_the_run(tmp_path: Path) -> None:
+    class UsesParam(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(8))
+            self.inner = nn.Linear(8, 1)
+            self.mul = Mul()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner(self.mul(x, self.scale))
+
+    class Mul(nn.Module):
+        def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            return x * w
+
+    model = UsesParam()
+    agent = hooktrace.attach(model, out=str(tmp_path), metrics_port=0, sample_every=1)
+    _train(model, 4)
+    agent.close()
+    assert not model.scale._backward_hooks
+    assert _hook_counts(model) == 0
+
+
+def test_names_lose_wrapper_parts_but_keep_a_users_own_module_attribute() -> None:
+    from hooktrace._record.module_table import clean_name
+
+    assert clean_name("module._orig_mod.blocks.0") == "blocks.0"
+    assert clean_name("layers._fsdp_wrapped_module.attn._checkpoint_wrapped_module") == "layers.attn"
+    assert clean_name("encoder.module.fc") == "encoder.module.fc"

@@ -34,8 +34,8 @@ def test_a_sleeping_module_is_measured_in_forward_and_in_backward(tmp_path: Path
     summary = _run(tmp_path, backward=backward)
     fwd = _row(summary, "slow.1", "forward")["per_step_s"]
     bwd = _row(summary, "slow.1", "backward")["per_step_s"]
-    assert 0.020 <= fwd < 0.020 + 0.015
-    assert 0.030 <= bwd < 0.030 + 0.015
+    assert 0.020 <= fwd < 0.020 + 0.030  # a sleep never returns early; a loaded CI box may be late
+    assert 0.030 <= bwd < 0.030 + 0.030
     # the parent contains the sleep, its sibling does not
     assert _row(summary, "slow", "forward")["per_step_s"] >= fwd
     assert _row(summary, "slow.0", "forward")["per_step_s"] < 0.005
