@@ -52,7 +52,10 @@ def test_promtool_rule_unit_tests_pass() -> None:
 
 def test_every_alert_and_recording_rule_named_in_the_design_exists() -> None:
     assert {rule["alert"] for rule in _alerts()} == DESIGN_ALERTS
-    assert {rule["record"] for rule in _rules() if "record" in rule} == DESIGN_RECORDING_RULES
+    # DESIGN's three, plus the busy time the straggler rules are built on
+    assert {rule["record"] for rule in _rules() if "record" in rule} == DESIGN_RECORDING_RULES | {
+        "hooktrace:busy_seconds:mean5m"
+    }
 
 
 @pytest.mark.parametrize("rule", _rules(), ids=lambda rule: rule.get("alert") or rule.get("record"))

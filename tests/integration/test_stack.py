@@ -19,6 +19,7 @@ from hooktrace.cli.stack import stack_group
 from tests.servers import REPO_ROOT, free_port, http_get_json, require_binary
 
 RECORDING_RULES = {
+    "hooktrace:busy_seconds:mean5m",
     "hooktrace:step_duration_seconds:mean5m",
     "hooktrace:straggler_skew:ratio",
     "hooktrace:step_duration_seconds:ratio_to_median",
