@@ -44,10 +44,13 @@ MODULE_TYPES = (
 )
 
 
-def build_snapshot(modules: int, seed: int = 0) -> MetricsSnapshot:
-    """A snapshot shaped like a transformer's: ``blocks.<i>.<part>`` names, two module phases."""
+def build_snapshot(modules: int, seed: int = 0, cap: int | None = None) -> MetricsSnapshot:
+    """A snapshot shaped like a transformer's: ``blocks.<i>.<part>`` names, two module phases;
+    with ``cap``, the labels a ``--max-modules cap`` run would expose (the rest in ``__other__``)."""
     rng = random.Random(seed)
     names = [f"blocks.{i // 8}.{('attn', 'mlp', 'ln1', 'ln2')[i % 4]}.{i % 8}" for i in range(modules)]
+    if cap is not None and modules > cap:
+        names = [*names[:cap], "__other__"]
     trace_id = f"{rng.getrandbits(128):032x}"
     step = Histogram(STEP_BUCKETS)
     phases = {p: Histogram(STEP_BUCKETS) for p in PHASES}
@@ -92,10 +95,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--renders", type=int, default=50)
     args = parser.parse_args(argv)
 
-    collector = HooktraceCollector()
-    collector.update(build_snapshot(args.modules))
-    registry = CollectorRegistry()
-    registry.register(collector)
+    for cap in (256, None):
+        collector = HooktraceCollector()
+        collector.update(build_snapshot(args.modules, cap=cap))
+        registry = CollectorRegistry()
+        registry.register(collector)
+        what = f"--max-modules {cap} (default)" if cap else f"--max-modules {args.modules}"
+        print(f"scrape of a {args.modules}-module model x 2 phases, {what}:")
+        _report(registry, args)
+
+
+def _report(registry: CollectorRegistry, args: argparse.Namespace) -> None:
     # Prometheus asks for OpenMetrics (2.x: underscores escaping, 3.x: allow-utf-8); curl gets text.
     formats = {
         "text": "",
@@ -105,8 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     for label, accept in formats.items():
         encoder, _ = choose_encoder(accept)
         size, ms = _render(functools.partial(encoder, registry), args.renders)
-        head = f"scrape {args.modules} modules x 2 phases" if label == "text" else f"  {label}"
-        print(f"{head}: {size / 1024:.0f} KiB, render {ms:.1f} ms (median of {args.renders})")
+        print(f"  {label}: {size / 1024:.0f} KiB, render {ms:.1f} ms (median of {args.renders})")
 
 
 if __name__ == "__main__":
