@@ -9,7 +9,7 @@ from hooktrace._aggregate.step_record import ModuleSpan, StepEvent, StepRecord
 from hooktrace._aggregate.timeline import module_intervals, phase_durations, phase_intervals
 from hooktrace._record.buffer import M_BWD, M_BWD_END, StepBuffer
 from hooktrace._record.module_table import ModuleTable
-from hooktrace.health.monitor import GradHealth, Verdict, locate_nonfinite, resolve_pairs
+from hooktrace.health.monitor import GradHealth, Verdict, nonfinite_source, resolve_pairs
 from hooktrace.health.norms import GradNormCapture, resolve_norms, to_host_floats
 
 
@@ -131,22 +131,7 @@ class StepProcessor:
                 )
             )
         if verdict.nonfinite:
-            where = locate_nonfinite(
-                resolve_pairs(buf.output_norms),
-                resolve_pairs(buf.input_grad_norms),
-                resolve_pairs(buf.output_grad_norms),
-                verdict.nonfinite_params,
-                params,
-                buf.grad_present,
-            )
-            if where is not None:
-                module, phase = infos[where[0]].display, where[1]
-                label = infos[where[0]].label
-            else:
-                first = params[verdict.nonfinite_params[0]] if verdict.nonfinite_params else None
-                module = infos[first.module].display if first else "__total__"
-                label = infos[first.module].label if first else "__total__"
-                phase = "unknown"
+            module, label, phase = nonfinite_source(buf, verdict, params, self.table)
             record.events.append(StepEvent("nonfinite", label, phase, None, {"first_module": module}))
 
 

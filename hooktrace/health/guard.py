@@ -13,7 +13,7 @@ import torch
 from hooktrace._record.buffer import StepBuffer
 from hooktrace.config import Config
 from hooktrace.errors import GradientExplosionError, NonFiniteGradientError
-from hooktrace.health.monitor import GradHealth, locate_nonfinite, resolve_pairs
+from hooktrace.health.monitor import GradHealth, nonfinite_source
 from hooktrace.health.norms import GradNormCapture, resolve_norms
 
 
@@ -35,19 +35,8 @@ class SyncGuard:
         )
         buf.health = verdict
         if verdict.nonfinite and self.config.on_nonfinite == "raise":
-            infos = self.capture.table.infos
-            where = locate_nonfinite(
-                resolve_pairs(buf.output_norms),
-                resolve_pairs(buf.input_grad_norms),
-                resolve_pairs(buf.output_grad_norms),
-                verdict.nonfinite_params,
-                params,
-                buf.grad_present,
-            )
-            if where is not None:
-                raise NonFiniteGradientError(buf.number, infos[where[0]].display, where[1])
-            first = params[verdict.nonfinite_params[0]] if verdict.nonfinite_params else None
-            raise NonFiniteGradientError(buf.number, infos[first.module].display if first else "?", "unknown")
+            module, _, phase = nonfinite_source(buf, verdict, params, self.capture.table)
+            raise NonFiniteGradientError(buf.number, module, phase)
         if not verdict.spike and not verdict.spike_params:
             return
         if self.config.on_explosion == "raise" and verdict.spike:

@@ -124,6 +124,29 @@ def locate_nonfinite(
     return None
 
 
+def nonfinite_source(buf: Any, verdict: Verdict, params: list[ParamRef], table: ModuleTable) -> tuple[str, str, str]:
+    """``(module name, module label, phase)`` of where a step's gradient went non-finite.
+
+    ``buf`` is the step's StepBuffer (its recorded output and gradient norms). Phase ``unknown``
+    (and the first parameter owner) when the step recorded too little to tell.
+    """
+    where = locate_nonfinite(
+        resolve_pairs(buf.output_norms),
+        resolve_pairs(buf.input_grad_norms),
+        resolve_pairs(buf.output_grad_norms),
+        verdict.nonfinite_params,
+        params,
+        buf.grad_present,
+    )
+    infos = table.infos
+    if where is not None:
+        return infos[where[0]].display, infos[where[0]].label, where[1]
+    if verdict.nonfinite_params:
+        info = infos[params[verdict.nonfinite_params[0]].module]
+        return info.display, info.label, "unknown"
+    return TOTAL, TOTAL, "unknown"
+
+
 def resolve_pairs(pairs: list[tuple[int, Any]]) -> list[tuple[int, float]]:
     """Device scalars -> floats, in one transfer (worker thread)."""
     if not pairs:
