@@ -38,7 +38,7 @@ from hooktrace.health.guard import SyncGuard
 from hooktrace.health.monitor import GradHealth
 from hooktrace.health.norms import GradNormCapture, capture_buffer_norms
 from hooktrace.summary import RunSummary
-from hooktrace.summary_builder import build_summary, write_summary
+from hooktrace.summary_builder import build_summary, slowest_rank, write_summary
 
 _LIVE: weakref.WeakKeyDictionary[nn.Module, Agent] = weakref.WeakKeyDictionary()
 """Root module -> the live agent watching it, so attaching twice returns the same agent."""
@@ -225,6 +225,11 @@ class Agent:
         """Worker thread: rewrite this rank's summary with what is aggregated so far (and the
         merged summary.json in a single-process run; ranks merge once, at close)."""
         write_summary(self.out_dir, build_summary(self), merge=self.info.world_size == 1)
+        if self.info.world_size > 1:
+            slowest = slowest_rank(self.out_dir)  # for --trace-ranks auto beyond 8 ranks
+            for exporter in self.exporters:
+                if hasattr(exporter, "slowest_rank"):
+                    exporter.slowest_rank = slowest
 
     def summary(self) -> RunSummary:
         """The run summary so far (this rank). Built on the worker thread, which owns the data."""

@@ -55,6 +55,28 @@ def build_summary(agent: Agent) -> RunSummary:
     )
 
 
+def slowest_rank(out_dir: str) -> int | None:
+    """The rank with the largest busy time among the rank summaries in ``out_dir``.
+
+    Ranks learn it without communicating: each rewrites ``rank<r>.summary.json`` every 10 s, and
+    ranks that share an output directory (a node, or a shared filesystem) read each other's.
+    """
+    busiest: tuple[float, int] | None = None
+    for name in os.listdir(out_dir) if os.path.isdir(out_dir) else []:
+        if not (name.startswith("rank") and name.endswith(".summary.json")):
+            continue
+        try:
+            with open(os.path.join(out_dir, name), encoding="utf-8") as handle:
+                ranks = json.load(handle).get("ranks", [])
+        except (OSError, ValueError):
+            continue
+        for row in ranks:
+            busy = row.get("busy_time_s") or row.get("step_time_s")
+            if busy is not None and (busiest is None or busy > busiest[0]):
+                busiest = (busy, row["rank"])
+    return busiest[1] if busiest else None
+
+
 def rank_summary_path(out_dir: str, rank: int) -> str:
     return os.path.join(out_dir, f"rank{rank}.summary.json")
 

@@ -360,3 +360,15 @@ def test_the_otel_protocol_variable_can_choose_grpc_and_grpc_without_the_extra_s
             otel.make_span_exporter("grpc://127.0.0.1:4317", {})
     with pytest.raises(HooktraceError, match="is not a URL"):
         otel.make_span_exporter("collector:4318", {})
+
+
+def test_auto_trace_ranks_beyond_eight_learns_the_slowest_rank_from_the_rank_summaries(tmp_path: Path) -> None:
+    import json as _json
+
+    from hooktrace.summary_builder import slowest_rank
+
+    for rank, busy in [(0, 0.10), (5, 0.31), (11, 0.12)]:
+        part = {"run_id": "r", "ranks": [{"rank": rank, "busy_time_s": busy, "step_time_s": 0.4}]}
+        (tmp_path / f"rank{rank}.summary.json").write_text(_json.dumps(part))
+    (tmp_path / "rank7.summary.json").write_text("{not json")  # a part being written is skipped
+    assert slowest_rank(str(tmp_path)) == 5
