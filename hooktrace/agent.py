@@ -323,7 +323,11 @@ class Agent:
         """At the first forward (after the user had the chance to register a comm hook of theirs)."""
         if self._allreduce_timer is None:
             rec = self.recorder
-            self._allreduce_timer = AllReduceTimer(lambda mark, t: rec.buf.marks.append((mark, t)), M_AR_END)
+            if rec.clock.kind == "cuda":
+                rec.anchor_every_step = True  # completion events are read against the step's anchor
+                self._allreduce_timer = AllReduceTimer(lambda: rec.buf.comm_stamps.append(rec.clock.stamp()))
+            else:
+                self._allreduce_timer = AllReduceTimer(lambda: rec.buf.marks.append((M_AR_END, time.perf_counter_ns())))
         reason = self._allreduce_timer.install(ddp)
         if reason:
             self._warn_once("comm_hook", f"hooktrace: {reason}")

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from hooktrace._aggregate.step_record import ModuleSpan, StepEvent, StepRecord
 from hooktrace._aggregate.timeline import module_intervals, phase_durations, phase_intervals
-from hooktrace._record.buffer import M_BWD, M_BWD_END, StepBuffer
+from hooktrace._record.buffer import M_AR_END, M_BWD, M_BWD_END, StepBuffer
 from hooktrace._record.module_table import ModuleTable
 from hooktrace.health.monitor import GradHealth, Verdict, nonfinite_source, resolve_pairs
 from hooktrace.health.norms import GradNormCapture, resolve_norms, to_host_floats
@@ -34,6 +34,11 @@ class StepProcessor:
         self.trace_id = trace_id
 
     def process(self, buf: StepBuffer) -> StepRecord:
+        if buf.comm_stamps and buf.clock is not None and buf.anchor is not None:
+            # device-side all-reduce completions -> host-clock marks
+            done = buf.clock.resolve(buf.comm_stamps, buf.anchor)
+            buf.clock.release(buf.comm_stamps)
+            buf.marks.extend((M_AR_END, t) for t in done)
         start = buf.start_ns or (buf.marks[0][1] if buf.marks else buf.end_ns)
         end = max(buf.end_ns, start)
         record = StepRecord(
@@ -61,6 +66,8 @@ class StepProcessor:
         self._gradients(buf, record)
         if buf.skipped:
             record.events.append(StepEvent("amp_skip", "__total__", "optimizer"))
+        if not buf.events and buf.anchor is not None and buf.clock is not None and buf.clock.kind == "cuda":
+            buf.clock.release([buf.anchor[0]])  # back to the event pool (with events, _spans did it)
         if buf.hook_errors:
             record.hook_errors = buf.hook_errors
             record.events.append(StepEvent("hook_error", "__total__", "unknown", float(buf.hook_errors)))

@@ -80,6 +80,8 @@ class StepBuffer:
     """Sampled steps: module outputs of the running forward, checked when the root's forward ends."""
     output_norms: list[tuple[int, Any]] = field(default_factory=list)
     """Sampled steps: sum of each module output, in forward completion order (finiteness check)."""
+    comm_stamps: list[Any] = field(default_factory=list)
+    """CUDA: events recorded as each DDP bucket's all-reduce completed (become ``M_AR_END``)."""
     buffer_norms: Any = None
     """Sampled steps: (stacked norms of floating-point buffers, their names)."""
     grad_present: list[int] = field(default_factory=list)

@@ -3,7 +3,10 @@
 The hook is PyTorch's own ``allreduce_hook`` (DDP's documented equivalent of running without a
 hook, so gradients are bit-identical), with a mark when a bucket's future completes: time after
 backward compute ended and before the last bucket completed is the exposed ``allreduce`` phase.
-On NCCL the future completes when the collective is enqueued, so this measures little there.
+On a GPU the completion is a CUDA event recorded in the future's callback, whose current stream
+waits for the collective (CUDA futures run callbacks after their streams), so it completes when
+the NCCL kernel does; the worker reads it against the step's anchor event. On gloo it is the host
+clock when the callback runs.
 A user's own comm hook is never replaced: with one present, hooktrace does not register
 anything and says so in the summary. DDP cannot unregister a comm hook, so after
 ``detach`` the wrapper keeps running as a plain ``allreduce_hook`` that records nothing.
@@ -11,14 +14,11 @@ anything and says so in the summary. DDP cannot unregister a comm hook, so after
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
-
-_now = time.perf_counter_ns
 
 
 def is_ddp(module: nn.Module) -> bool:
@@ -26,11 +26,11 @@ def is_ddp(module: nn.Module) -> bool:
 
 
 class AllReduceTimer:
-    """Installs the timing comm hook on one DDP module; ``on_mark(mark, t)`` records marks."""
+    """Installs the timing comm hook on one DDP module; ``on_complete()`` runs as each bucket's
+    all-reduce completes (it must not raise, and never delays the gradient)."""
 
-    def __init__(self, on_mark: Callable[[int, int], None], end_mark: int) -> None:
-        self._on_mark = on_mark
-        self._end_mark = end_mark
+    def __init__(self, on_complete: Callable[[], None]) -> None:
+        self._on_complete = on_complete
         self.enabled = True
 
     def install(self, ddp: Any) -> str | None:
@@ -56,7 +56,10 @@ class AllReduceTimer:
 
             def done(fut: torch.futures.Future[torch.Tensor]) -> torch.Tensor:
                 if self.enabled:
-                    self._on_mark(self._end_mark, _now())
+                    try:
+                        self._on_complete()
+                    except Exception:
+                        self.enabled = False
                 return fut.value()
 
             return future.then(done)

@@ -44,6 +44,8 @@ class Recorder:
         self.buf = StepBuffer(number=1, sampled=True, start_ns=0)
         self.preflight: Preflight | None = Preflight() if backward == "full" else None
         self.full_skipped: dict[int, str] = {}
+        self.anchor_every_step = False
+        """CUDA with DDP timing: every step needs an anchor to read all-reduce completion events."""
         self.hook_errors = 0
         self.fatal = False
         self.first_error: str | None = None
@@ -181,7 +183,7 @@ class Recorder:
     @property
     def pinned(self) -> bool:
         """Whether some modules keep their hooks on every step (``--watch``)."""
-        return bool(self._pinned)
+        return bool(self._pinned) or self.anchor_every_step
 
     def forward_hooks(self, index: int) -> tuple[Callable[..., None], ...]:
         return self._forward_hooks[index]
