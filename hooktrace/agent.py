@@ -32,7 +32,7 @@ from hooktrace._record.tracker import StepTracker
 from hooktrace._version import __version__
 from hooktrace.config import Config
 from hooktrace.distributed import placement
-from hooktrace.errors import AttachError, GradientExplosionError, NonFiniteGradientError
+from hooktrace.errors import AttachError, ConfigError, GradientExplosionError, NonFiniteGradientError
 from hooktrace.export.base import Exporter
 from hooktrace.health.guard import SyncGuard
 from hooktrace.health.monitor import GradHealth
@@ -54,6 +54,17 @@ HUNT_STEPS = 10
 def existing_agent(model: nn.Module) -> Agent | None:
     agent = _LIVE.get(model)
     return agent if agent is not None and not agent._detached else None
+
+
+def _names_something(model: nn.Module, name: str) -> bool:
+    """Whether ``name`` is a submodule or parameter of ``model`` (get_submodule/get_parameter)."""
+    for lookup in (model.get_submodule, model.get_parameter):
+        try:
+            lookup(name)
+            return True
+        except AttributeError:
+            continue
+    return False
 
 
 def _is_compiled(module: nn.Module) -> bool:
@@ -160,9 +171,18 @@ class Agent:
     def attach(self, model: nn.Module) -> Agent:
         """Instrument ``model`` and all its submodules now."""
         check_attachable(model)
+        missing = [name for name in self.config.watch if not _names_something(model, name)]
+        if missing and not any(_names_something(m, missing[0]) for m in self._roots()):
+            raise ConfigError(
+                f"--watch / HOOKTRACE_WATCH {missing[0]!r} names no module or parameter of "
+                f"{type(model).__name__}; use a name from model.named_modules() or named_parameters()"
+            )
         model.apply(self.instrument)
         self._resolve_candidates()
         return self
+
+    def _roots(self) -> list[nn.Module]:
+        return [self.recorder.modules[i] for i in self.recorder.table.roots]
 
     def discover(self) -> None:
         """Zero-code mode: attach to every root module on its first forward call."""

@@ -263,3 +263,21 @@ def test_names_lose_wrapper_parts_but_keep_a_users_own_module_attribute() -> Non
     assert clean_name("module._orig_mod.blocks.0") == "blocks.0"
     assert clean_name("layers._fsdp_wrapped_module.attn._checkpoint_wrapped_module") == "layers.attn"
     assert clean_name("encoder.module.fc") == "encoder.module.fc"
+
+
+def test_watched_modules_and_parameters_are_reported_on_every_step(tmp_path: Path) -> None:
+    model = zoo.TwiceNet()
+    agent = hooktrace.attach(model, out=str(tmp_path), metrics_port=0, sample_every=10, watch=("out", "block.0.weight"))
+    _train(model, 5)
+    summary = agent.close()
+    rows = {(m["module"], m["phase"]): m for m in summary.modules}
+    assert rows[("out", "forward")]["steps"] == 5  # watched: every step
+    assert rows[("block.0", "forward")]["steps"] == 1  # not watched: sampled step 1 only
+    steps = read_steps(tmp_path)
+    assert all("block.0.weight" in s.get("param_grad_norms", {}) for s in steps)
+    assert "out.weight" not in steps[1].get("param_grad_norms", {})
+
+
+def test_a_watch_name_that_names_nothing_fails_at_attach_with_the_fix() -> None:
+    with pytest.raises(hooktrace.ConfigError, match=r"--watch / HOOKTRACE_WATCH 'blocks\.9' names no module"):
+        hooktrace.attach(zoo.TwiceNet(), metrics_port=0, write_files=False, watch=("blocks.9",))
