@@ -99,11 +99,12 @@ def to_host_floats(tensor: torch.Tensor) -> list[float]:
     """A 1-d tensor's values on the host. Worker thread: on CUDA a pinned non-blocking copy and an
     event wait, never ``.item()``/``.cpu()``, which ``set_sync_debug_mode("error")`` forbids."""
     if tensor.is_cuda:
-        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-        host.copy_(tensor, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
-        done.synchronize()
+        with torch.cuda.device(tensor.device):  # the worker must not touch (or create a context on) GPU 0
+            host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            host.copy_(tensor, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(tensor.device))
+            done.synchronize()
         tensor = host
     values: list[float] = tensor.tolist()
     return values
