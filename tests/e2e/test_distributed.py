@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from tests.conftest import read_steps, read_trace
+from tests.servers import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 DDP = REPO / "examples" / "train_ddp.py"
@@ -21,7 +22,17 @@ def _losses(stdout: str) -> list[str]:
 
 def _torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(DDP), *args],
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            str(free_port()),
+            str(DDP),
+            *args,
+        ],
         capture_output=True,
         text=True,
         timeout=300,
@@ -44,6 +55,8 @@ def _hooktrace(out: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess[
             "2",
             "--nproc-per-node",
             "2",
+            "--master-port",
+            str(free_port()),  # not torchrun's fixed 29500: a previous run may still hold it
             str(DDP),
             *args,
         ],

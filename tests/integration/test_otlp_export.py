@@ -203,7 +203,7 @@ def test_two_ddp_ranks_send_one_trace_per_step_with_both_rank_spans_under_one_ro
     with _receiver() as collector:
         _hooktrace_run(
             tmp_path,
-            *["--nproc-per-node", "2", "--sample-every", "5", "--otlp-endpoint"],
+            *["--nproc-per-node", "2", "--master-port", str(free_port()), "--sample-every", "5", "--otlp-endpoint"],
             collector.url,
             str(DDP),
             "--steps",
