@@ -67,6 +67,8 @@ class StepBuffer:
     """CUDA event recorded after the device-to-host copy of ``grad_norms``; None on CPU."""
     health: Any = None
     """Synchronous health verdict (clip/raise modes), computed at the optimizer pre-hook."""
+    hook_ns: int = 0
+    """Time spent inside module hook bodies this step (measured on entry and exit)."""
     overhead_ns: int = 0
     """Measured time in hooktrace's heavier training-thread work (registration, norms, close)."""
     hook_errors: int = 0

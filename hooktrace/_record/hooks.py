@@ -9,6 +9,7 @@ modules that passed the preflight. Hooks are registered on sampled steps only.
 
 from __future__ import annotations
 
+import time
 import weakref
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 _grad_enabled = torch.is_grad_enabled
 _graph_task_id = torch._C._current_graph_task_id
 _Tensor = torch.Tensor
+_now = time.perf_counter_ns
 _weakref = weakref.ref
 
 
@@ -84,8 +86,9 @@ def make_forward_hooks(rec: Recorder, index: int, tensor_backward: bool) -> tupl
     def forward_pre(module: nn.Module, args: tuple[Any, ...]) -> None:
         if rec.skip():
             return None
+        start = _now()
+        buf = rec.buf
         try:
-            buf = rec.buf
             events = buf.events
             if len(events) >= MAX_EVENTS_PER_STEP:
                 buf.dropped_events += 1
@@ -108,13 +111,15 @@ def make_forward_hooks(rec: Recorder, index: int, tensor_backward: bool) -> tupl
             events.append((kind, index, call, rec.stamp()))
         except Exception as exc:  # never reaches training
             rec.hook_error(exc)
+        buf.hook_ns += _now() - start  # the agent's own time, for hooktrace_overhead_seconds_total
         return None
 
     def forward_post(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         if rec.skip():
             return None
+        start = _now()
+        buf = rec.buf
         try:
-            buf = rec.buf
             events = buf.events
             if len(events) >= MAX_EVENTS_PER_STEP:
                 buf.dropped_events += 1
@@ -126,7 +131,7 @@ def make_forward_hooks(rec: Recorder, index: int, tensor_backward: bool) -> tupl
                 rec.preflight.observe(index, args, kwargs, output)
             if rec.check_outputs:
                 # Sampled steps: keep the output until the root's forward ends, where one
-                # _foreach_norm(inf) checks them all (see Recorder.check_pending_outputs).
+                # _foreach_norm checks them all (see Recorder.check_pending_outputs).
                 first = next(iter_tensors(output), None)
                 if first is not None and first.is_floating_point():
                     buf.pending_outputs.append((index, first))
@@ -137,6 +142,7 @@ def make_forward_hooks(rec: Recorder, index: int, tensor_backward: bool) -> tupl
                         watch_tensor(rec, buf, tensor, BWD_START, index, call)
         except Exception as exc:
             rec.hook_error(exc)
+        buf.hook_ns += _now() - start
         return None
 
     return forward_pre, forward_post

@@ -90,8 +90,9 @@ class Recorder:
         """Gradient hook of a watched tensor: one stamp for every module that shares the tensor."""
         if self.skip():
             return None
+        start = time.perf_counter_ns()
+        buf = self.buf
         try:
-            buf = self.buf
             events = buf.events
             if len(events) >= MAX_EVENTS_PER_STEP:
                 buf.dropped_events += 1
@@ -105,6 +106,7 @@ class Recorder:
                     (buf.output_grad_norms if kind == BWD_START else buf.input_grad_norms).append((index, norm))
         except Exception as exc:
             self.hook_error(exc)
+        buf.hook_ns += time.perf_counter_ns() - start
         return None
 
     def check_pending_outputs(self) -> None:

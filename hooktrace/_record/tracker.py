@@ -136,6 +136,7 @@ class StepTracker:
         if carry:
             buf.marks = [mark for mark in buf.marks if mark[1] <= end]
         buf.end_ns = end
+        buf.overhead_ns += buf.hook_ns
         buf.hook_errors = self.rec.hook_errors - self._errors_seen
         self._errors_seen = self.rec.hook_errors
         if buf.pending_outputs:
