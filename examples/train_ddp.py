@@ -80,6 +80,7 @@ def main() -> int:
         print(f"rank {rank} step {step} loss {loss.item():.6f}", flush=True)
     if args.comm_hook:
         print(f"rank {rank} comm hook calls {state['calls']}", flush=True)
+    dist.barrier()  # every rank done with its collectives before the group goes away
     dist.destroy_process_group()
     return 0
 

@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from tests.conftest import read_steps, read_trace
@@ -20,50 +21,66 @@ def _losses(stdout: str) -> list[str]:
     return sorted(re.findall(r"rank \d step \d+ loss -?\d+\.\d{6}", stdout))
 
 
+GLOO_ABORT = "terminate called without an active exception"
+"""PyTorch 2.13's gloo backend now and then aborts a plain torchrun run of the example with this
+(about 1 run in 6 on the 2-core CI machine, hooktrace or not); such runs are retried once."""
+
+
+def _retry_gloo_abort(run: Callable[[], subprocess.CompletedProcess[str]]) -> subprocess.CompletedProcess[str]:
+    result = run()
+    if result.returncode != 0 and GLOO_ABORT in result.stderr:
+        result = run()
+    return result
+
+
 def _torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc-per-node",
-            "2",
-            "--master-port",
-            str(free_port()),
-            str(DDP),
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=cwd,
+    return _retry_gloo_abort(
+        lambda: subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc-per-node",
+                "2",
+                "--master-port",
+                str(free_port()),
+                str(DDP),
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=cwd,
+        )
     )
 
 
 def _hooktrace(out: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "hooktrace.cli.main",
-            "run",
-            "--metrics-port",
-            "0",
-            "--out",
-            str(out),
-            "--sample-every",
-            "2",
-            "--nproc-per-node",
-            "2",
-            "--master-port",
-            str(free_port()),  # not torchrun's fixed 29500: a previous run may still hold it
-            str(DDP),
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=cwd,
+    return _retry_gloo_abort(
+        lambda: subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "hooktrace.cli.main",
+                "run",
+                "--metrics-port",
+                "0",
+                "--out",
+                str(out),
+                "--sample-every",
+                "2",
+                "--nproc-per-node",
+                "2",
+                "--master-port",
+                str(free_port()),  # not torchrun's fixed 29500: a previous run may still hold it
+                str(DDP),
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=cwd,
+        )
     )
 
 
