@@ -193,6 +193,17 @@ def _stop(pid: int) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         time.sleep(0.05)
+    # An exiting child shows an empty cmdline before it can be reaped: collect it, so no zombie
+    # of ours is left behind (bounded: it has already been signalled).
+    reap_deadline = time.monotonic() + 5.0
+    while time.monotonic() < reap_deadline:
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return  # not our child, or already collected
+        if done == pid:
+            return
+        time.sleep(0.02)
 
 
 def _http_ready(url: str) -> bool:
