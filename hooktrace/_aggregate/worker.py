@@ -60,7 +60,6 @@ class Worker:
         self._on_checkpoint = on_checkpoint
         self._tasks: deque[Callable[[], None]] = deque()
         self.dropped_steps = 0
-        self.process_errors = 0
         self.first_error: str | None = None
         self.started = False
         self._snapshot: MetricsSnapshot | None = None
@@ -161,22 +160,13 @@ class Worker:
             self._count_error(buf, exc)
 
     def _count_error(self, buf: StepBuffer, exc: BaseException) -> None:
-        self.process_errors += 1
         self.stats.export_errors["aggregate"] += 1
         if self.first_error is None:
             self.first_error = f"{type(exc).__name__}: {exc}"
             print(f"hooktrace: could not aggregate step {buf.number}: {self.first_error}", file=sys.stderr)
 
     def _handle_step(self, buf: StepBuffer) -> None:
-        try:
-            record = self.processor.process(buf)
-        except Exception as exc:
-            self.process_errors += 1
-            self.stats.export_errors["aggregate"] += 1
-            if self.first_error is None:
-                self.first_error = f"{type(exc).__name__}: {exc}"
-                print(f"hooktrace: could not aggregate step {buf.number}: {self.first_error}", file=sys.stderr)
-            return
+        record = self.processor.process(buf)
         self.stats.dropped["steps"] = self.dropped_steps
         if buf.dropped_events:
             self.stats.dropped["module_events"] += buf.dropped_events

@@ -57,7 +57,6 @@ class StepBuffer:
     """The clock that made this step's stamps (resolves them on the worker)."""
     micro_batches: int = 0
     optimizer_steps: int = 0
-    backward_passes: int = 0
     end_ns: int = 0
     skipped: bool = False
     """Backward ran but no optimizer stepped (e.g. GradScaler found inf); closed at the next forward."""

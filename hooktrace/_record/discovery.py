@@ -34,10 +34,6 @@ class Discovery:
         self._rejected: weakref.WeakSet[nn.Module] = weakref.WeakSet()
         self._handle: RemovableHandle | None = None
 
-    @property
-    def active(self) -> bool:
-        return self._handle is not None
-
     def enable(self) -> None:
         if self._handle is None:
             self._handle = register_module_forward_pre_hook(self._hook)

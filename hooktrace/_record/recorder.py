@@ -47,7 +47,6 @@ class Recorder:
         self.anchor_every_step = False
         """CUDA with DDP timing: every step needs an anchor to read all-reduce completion events."""
         self.hook_errors = 0
-        self.fatal = False
         self.first_error: str | None = None
         self.flow = False
         """Deep steps: record output and gradient norms per module (gradient flow, NaN localisation).
@@ -141,7 +140,6 @@ class Recorder:
                 "detaching to protect training. Please report this.",
                 file=sys.stderr,
             )
-            self.fatal = True
             self.skip = _always  # every hook returns at its first line from now on
             if threading.current_thread() is threading.main_thread():
                 self._on_fatal()  # hooks removed; from another thread they stay inert until close
@@ -225,6 +223,3 @@ class Recorder:
             hooks.remove()
         self._active.clear()
         self._pinned.clear()
-
-    def active_count(self) -> int:
-        return len(self._active)

@@ -290,7 +290,6 @@ class StepTracker:
         try:
             buf = self.rec.buf
             buf.marks.append((M_BWD_END, _now()))
-            buf.backward_passes += 1
             self._in_backward = False
             self._backward_since_optimizer = True
             if self._grad_probe is None or self._grad_probe.grad is None:

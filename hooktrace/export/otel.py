@@ -289,11 +289,6 @@ class OtelExporter:
     def dropped_spans(self) -> int:
         return self._ledger.dropped()
 
-    def bind_stats(self, stats: RankStats) -> None:
-        """Report drops into ``stats.dropped["spans"]`` (updated on the worker thread)."""
-        self._stats = stats
-        stats.dropped["spans"] += 0
-
     def start(self) -> None:
         if self._provider is not None:
             return
