@@ -170,11 +170,6 @@ class Worker:
         self.stats.dropped["steps"] = self.dropped_steps
         if buf.dropped_events:
             self.stats.dropped["module_events"] += buf.dropped_events
-        for exporter in self.exporters:
-            if exporter.name == "perfetto":  # events beyond --max-trace-events
-                dropped = getattr(exporter, "dropped", 0)
-                if dropped:
-                    self.stats.dropped["trace_events"] = dropped
         self.stats.add(record)
         now = time.monotonic()
         if self._snapshot is None or now - self._snapshot_at >= SNAPSHOT_INTERVAL_S:

@@ -27,6 +27,7 @@ def make_exporters(agent: Agent) -> list[Exporter]:
                 max_events=cfg.max_trace_events,
                 wall_offset_ns=agent._wall_offset_ns,
                 run_id=agent.info.run_id,
+                stats=agent.stats,
             )
         )
     if cfg.metrics_port:

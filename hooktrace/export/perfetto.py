@@ -13,6 +13,7 @@ import os
 from typing import IO, Any
 
 from hooktrace._aggregate.snapshot import MetricsSnapshot
+from hooktrace._aggregate.stats import RankStats
 from hooktrace._aggregate.step_record import StepRecord
 
 
@@ -21,7 +22,9 @@ class PerfettoExporter:
 
     name = "perfetto"
 
-    def __init__(self, path: str, rank: int, max_events: int, wall_offset_ns: int, run_id: str) -> None:
+    def __init__(
+        self, path: str, rank: int, max_events: int, wall_offset_ns: int, run_id: str, stats: RankStats | None = None
+    ) -> None:
         self.path = path
         self.rank = rank
         self.max_events = max_events
@@ -29,6 +32,8 @@ class PerfettoExporter:
         self.run_id = run_id
         self.written = 0
         self.dropped = 0
+        self._stats = stats
+        """Where drops are reported (``hooktrace_dropped_total{what="trace_events"}``), as OTel does."""
         self._pending: list[str] | None = None
         self._file: IO[str] | None = None
 
@@ -58,6 +63,8 @@ class PerfettoExporter:
             return
         if self.written >= self.max_events:
             self.dropped += 1
+            if self._stats is not None:
+                self._stats.dropped["trace_events"] = self.dropped  # worker thread, like all of this
             return
         line = json.dumps(event, separators=(",", ":")) + ",\n"
         if self._pending is not None:

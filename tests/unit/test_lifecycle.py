@@ -281,3 +281,15 @@ def test_watched_modules_and_parameters_are_reported_on_every_step(tmp_path: Pat
 def test_a_watch_name_that_names_nothing_fails_at_attach_with_the_fix() -> None:
     with pytest.raises(hooktrace.ConfigError, match=r"--watch / HOOKTRACE_WATCH 'blocks\.9' names no module"):
         hooktrace.attach(zoo.TwiceNet(), metrics_port=0, write_files=False, watch=("blocks.9",))
+
+
+def test_the_trace_file_is_capped_and_the_dropped_events_are_counted(tmp_path: Path) -> None:
+    from tests.conftest import read_trace
+
+    model = zoo.TwiceNet()
+    agent = hooktrace.attach(model, out=str(tmp_path), metrics_port=0, sample_every=1, max_trace_events=20)
+    _train(model, 4)
+    summary = agent.close()
+    events = read_trace(tmp_path)
+    assert len([e for e in events if e.get("ph") != "M" or e["name"] != "hooktrace"]) <= 20
+    assert summary.ranks[0]["dropped"]["trace_events"] > 0
