@@ -6,10 +6,9 @@ import json
 import re
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
-from tests.conftest import read_steps, read_trace
+from tests.conftest import read_steps, read_trace, retry_gloo_abort
 from tests.servers import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -21,20 +20,8 @@ def _losses(stdout: str) -> list[str]:
     return sorted(re.findall(r"rank \d step \d+ loss -?\d+\.\d{6}", stdout))
 
 
-GLOO_ABORT = "terminate called without an active exception"
-"""PyTorch 2.13's gloo backend now and then aborts a plain torchrun run of the example with this
-(about 1 run in 6 on the 2-core CI machine, hooktrace or not); such runs are retried once."""
-
-
-def _retry_gloo_abort(run: Callable[[], subprocess.CompletedProcess[str]]) -> subprocess.CompletedProcess[str]:
-    result = run()
-    if result.returncode != 0 and GLOO_ABORT in result.stderr:
-        result = run()
-    return result
-
-
 def _torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return _retry_gloo_abort(
+    return retry_gloo_abort(
         lambda: subprocess.run(
             [
                 sys.executable,
@@ -56,7 +43,7 @@ def _torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 
 
 def _hooktrace(out: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return _retry_gloo_abort(
+    return retry_gloo_abort(
         lambda: subprocess.run(
             [
                 sys.executable,

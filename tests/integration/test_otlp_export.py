@@ -27,7 +27,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
-from tests.conftest import read_steps
+from tests.conftest import read_steps, retry_gloo_abort
 from tests.servers import REPO_ROOT, free_port
 
 MLP = REPO_ROOT / "examples" / "train_mlp.py"
@@ -134,19 +134,11 @@ def _hooktrace_run(
 ) -> tuple[subprocess.CompletedProcess[str], float]:
     cmd = [sys.executable, "-m", "hooktrace.cli.main", "run", "--metrics-port", "0", "--out", str(out), *args]
     started = time.monotonic()
-    proc = subprocess.run(
-        cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, env={**os.environ, **(env or {})}
-    )
-    if proc.returncode != 0 and "terminate called without an active exception" in proc.stderr:
-        # PyTorch 2.13's gloo now and then aborts a 2-rank run, hooktrace or not (tests/e2e/test_distributed.py)
-        proc = subprocess.run(
-            cmd,
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=RUN_TIMEOUT_S,
-            env={**os.environ, **(env or {})},
+    proc = retry_gloo_abort(
+        lambda: subprocess.run(
+            cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, env={**os.environ, **(env or {})}
         )
+    )
     elapsed = time.monotonic() - started
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc, elapsed
