@@ -67,7 +67,8 @@ class ModuleTable:
         self.roots: list[int] = []
         self.labels: set[str] = set()
         self.truncated = 0
-        self._seen_params: set[int] = set()
+        self.param_ids: set[int] = set()
+        """ids of the instrumented parameters (tied ones once)."""
 
     def __len__(self) -> int:
         return len(self.infos)
@@ -109,9 +110,9 @@ class ModuleTable:
             info.label = self._label_for(info.display)
             own = module.named_parameters(recurse=not descend)
             for pname, param in own:
-                if id(param) in self._seen_params:
+                if id(param) in self.param_ids:
                     continue  # tied weights count once, at their first owner
-                self._seen_params.add(id(param))
+                self.param_ids.add(id(param))
                 full = clean_name(".".join(part for part in (root_label, name, pname) if part))
                 info.params.append((full, param))
             for bname, buffer in module.named_buffers(recurse=not descend):

@@ -9,6 +9,7 @@ gradients were reset without an optimizer step (a GradScaler skip), or by ``agen
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -76,6 +77,10 @@ class StepTracker:
         self.closed_steps = 0
         self._active = False
         self._errors_seen = 0
+        self._optimizers: weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple[bool, int, int]] = (
+            weakref.WeakKeyDictionary()
+        )
+        """Optimizer -> (steps instrumented parameters, its group count, table size when checked)."""
 
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -300,9 +305,22 @@ class StepTracker:
             self.rec.hook_error(exc)
 
     # -- optimizer --------------------------------------------------------------------------------------------
+    def is_ours(self, optimizer: torch.optim.Optimizer) -> bool:
+        """Whether ``optimizer`` updates an instrumented parameter. The optimizer hooks are global:
+        an optimizer of a model this agent does not watch must not end its steps. Checked once per
+        optimizer, again when it gained parameter groups or the agent gained modules."""
+        groups, size = len(optimizer.param_groups), len(self.rec.table)
+        known = self._optimizers.get(optimizer)
+        if known is not None and (known[0] or (known[1] == groups and known[2] == size)):
+            return known[0]
+        mine = self.rec.table.param_ids
+        ours = any(id(p) in mine for group in optimizer.param_groups for p in group["params"])
+        self._optimizers[optimizer] = (ours, groups, size)
+        return ours
+
     def _optimizer_pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if self.rec.skip():
-            return None  # compiled optimizer step or CUDA graph capture: record nothing
+        if self.rec.skip() or not self.is_ours(optimizer):
+            return None  # compiled step, CUDA graph capture, or another model's optimizer
         buf = self.rec.buf
         buf.marks.append((M_OPT, _now()))
         if buf.optimizer_steps == 0 and buf.grad_norms is None:
@@ -310,7 +328,7 @@ class StepTracker:
         return None
 
     def _optimizer_post(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if self.rec.skip():
+        if self.rec.skip() or not self.is_ours(optimizer):
             return None
         try:
             buf = self.rec.buf

@@ -293,3 +293,22 @@ def test_the_trace_file_is_capped_and_the_dropped_events_are_counted(tmp_path: P
     events = read_trace(tmp_path)
     assert len([e for e in events if e.get("ph") != "M" or e["name"] != "hooktrace"]) <= 20
     assert summary.ranks[0]["dropped"]["trace_events"] > 0
+
+
+def test_an_optimizer_of_a_model_the_agent_does_not_watch_ends_no_step(tmp_path: Path) -> None:
+    watched, other = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)), nn.Linear(4, 1)
+    other_opt = torch.optim.SGD(other.parameters(), lr=0.01)
+    agent = hooktrace.attach(watched, out=str(tmp_path), metrics_port=0)
+    opt = torch.optim.SGD(watched.parameters(), lr=0.01)
+    for step in range(6):
+        x = torch.randn(4, 4, generator=torch.Generator().manual_seed(step))
+        opt.zero_grad()
+        watched(x).pow(2).mean().backward()
+        opt.step()
+        other_opt.zero_grad()
+        other(x).pow(2).mean().backward()  # another model's step between two of the watched model's
+        other_opt.step()
+    agent.close()
+    steps = read_steps(tmp_path)
+    assert [s["step"] for s in steps] == [1, 2, 3, 4, 5, 6]
+    assert all(s["grad_norm"] is not None and s["phases"]["optimizer"] > 0 for s in steps)
