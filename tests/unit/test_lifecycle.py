@@ -302,12 +302,12 @@ def test_an_optimizer_of_a_model_the_agent_does_not_watch_ends_no_step(tmp_path:
     opt = torch.optim.SGD(watched.parameters(), lr=0.01)
     for step in range(6):
         x = torch.randn(4, 4, generator=torch.Generator().manual_seed(step))
+        other_opt.zero_grad()
+        other(x).pow(2).mean().backward()  # another model's step before each of the watched model's
+        other_opt.step()
         opt.zero_grad()
         watched(x).pow(2).mean().backward()
         opt.step()
-        other_opt.zero_grad()
-        other(x).pow(2).mean().backward()  # another model's step between two of the watched model's
-        other_opt.step()
     agent.close()
     steps = read_steps(tmp_path)
     assert [s["step"] for s in steps] == [1, 2, 3, 4, 5, 6]
