@@ -7,12 +7,14 @@ slow lives in ``_aggregate`` and ``export`` on the worker thread.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import sys
 import threading
 import time
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -27,7 +29,7 @@ from hooktrace._record.buffer import M_AR_END, StepBuffer
 from hooktrace._record.clock import clock_for
 from hooktrace._record.comm import AllReduceTimer, is_ddp
 from hooktrace._record.discovery import Discovery
-from hooktrace._record.recorder import Recorder
+from hooktrace._record.recorder import Recorder, always
 from hooktrace._record.tracker import StepTracker
 from hooktrace._version import __version__
 from hooktrace.config import Config
@@ -37,6 +39,7 @@ from hooktrace.export.base import Exporter
 from hooktrace.health.guard import SyncGuard
 from hooktrace.health.monitor import GradHealth
 from hooktrace.health.norms import GradNormCapture, capture_buffer_norms
+from hooktrace.health.replay import ForwardReplay, host_norms, needs_replay
 from hooktrace.summary import RunSummary
 from hooktrace.summary_builder import build_summary, slowest_rank, write_summary
 
@@ -111,8 +114,9 @@ class Agent:
         self.capture = GradNormCapture(self.recorder.table)
         watch_params = {w for w in cfg.watch}
         self.health = GradHealth(self.recorder.table, cfg.explode_factor, watch_params)
+        self.replay = ForwardReplay(self.recorder.table, self.recorder.modules)
         self.guard = (
-            SyncGuard(cfg, self.capture, self.health)
+            SyncGuard(cfg, self.capture, self.health, locate=self._replay_if_needed)
             if cfg.on_explosion != "warn" or cfg.on_nonfinite == "raise"
             else None
         )
@@ -324,6 +328,8 @@ class Agent:
         if not self.recorder.table.roots:
             clock = clock_for(root)
             self.recorder.set_device_clock(clock)
+            # a forward NaN can be replayed where the verdict is on the host at the optimizer step
+            self.recorder.keep_inputs = clock.kind == "cpu" or self.guard is not None
             device = next(root.parameters()).device.type
             self.info = RankInfo(**{**{k: getattr(self.info, k) for k in self.info.__slots__}, "device": device})
             self.stats.info = self.info
@@ -394,12 +400,34 @@ class Agent:
                 buf.buffer_norms = capture_buffer_norms(self.recorder.table)
             if self.guard is not None:
                 self.guard.check(buf)
+            elif buf.forward_inputs:
+                values = host_norms(buf)
+                if values is not None:
+                    self._replay_if_needed(buf, values)
         except (GradientExplosionError, NonFiniteGradientError):
             raise
         except Exception as exc:
             self.recorder.hook_error(exc)
         finally:
+            buf.forward_inputs = []
             buf.overhead_ns += time.perf_counter_ns() - start
+
+    def _replay_if_needed(self, buf: StepBuffer, values: list[float]) -> None:
+        """A non-finite gradient the parameter gradients cannot place: replay the step's forward
+        (before the optimizer changes anything) to find the module where it started."""
+        if buf.forward_inputs and needs_replay(values, self.capture.params(), buf.grad_present):
+            with self._replaying():
+                self.replay.run(buf)
+
+    @contextlib.contextmanager
+    def _replaying(self) -> Iterator[None]:
+        """The agent's own hooks stay silent while the replay runs the model."""
+        rec = self.recorder
+        skip, rec.skip = rec.skip, always
+        try:
+            yield
+        finally:
+            rec.skip = skip
 
     def _on_step(self, buf: StepBuffer) -> None:
         self.worker.submit(buf)
@@ -419,9 +447,14 @@ class Agent:
             if event.kind == "nonfinite":
                 if event.phase == "unknown":
                     self.recorder.hunt = HUNT_STEPS  # sample the next steps deeply to find the source
+                where = event.detail.get("first_module", event.module)
                 self._say(
-                    f"non-finite gradient at step {record.step} (rank {record.rank}): first in "
-                    f"{event.phase} of {event.detail.get('first_module', event.module)}"
+                    f"non-finite gradient at step {record.step} (rank {record.rank}): "
+                    + (
+                        f"the input of {where} already held a NaN/Inf"
+                        if event.phase == "input"
+                        else f"first in {event.phase} of {where}"
+                    )
                 )
 
     def _say(self, message: str) -> None:

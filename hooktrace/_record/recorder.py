@@ -27,7 +27,8 @@ MAX_HOOK_ERRORS = 100
 """After this many hook errors the agent detaches itself and warns once."""
 
 
-def _always() -> bool:
+def always() -> bool:
+    """``Recorder.skip`` that silences every hook."""
     return True
 
 
@@ -53,6 +54,9 @@ class Recorder:
         One reduction per module output and gradient: too costly for every sampled step on CPU."""
         self.check_outputs = False
         """Sampled steps: keep a sum of each module output, to name where a NaN/Inf started."""
+        self.keep_inputs = False
+        """Keep each step's root calls so a bad step can replay its forward (health/replay.py);
+        then sampled steps need no output sums."""
         self.hunt = 0
         """Steps left in which every step is sampled deeply, after a non-finite gradient was seen."""
         self._on_fatal = on_fatal
@@ -140,7 +144,7 @@ class Recorder:
                 "detaching to protect training. Please report this.",
                 file=sys.stderr,
             )
-            self.skip = _always  # every hook returns at its first line from now on
+            self.skip = always  # every hook returns at its first line from now on
             if threading.current_thread() is threading.main_thread():
                 self._on_fatal()  # hooks removed; from another thread they stay inert until close
 

@@ -31,6 +31,9 @@ from hooktrace._record.buffer import (
 from hooktrace._record.hooks import iter_tensors
 from hooktrace._record.recorder import Recorder
 
+MAX_REPLAY_CALLS = 16
+"""Root calls (micro-batches) of one step kept for a forward replay (health/replay.py)."""
+
 MAX_MICRO_BATCHES = 10_000
 """A step that never sees an optimizer step nor a gradient reset is closed after this many
 forwards, so buffers stay bounded whatever the loop does."""
@@ -96,7 +99,7 @@ class StepTracker:
             return
         self._root_pre[index] = self._make_root_pre(index)
         self._root_handles[index] = [
-            root.register_forward_pre_hook(self._root_pre[index], prepend=True),
+            root.register_forward_pre_hook(self._root_pre[index], prepend=True, with_kwargs=True),
             root.register_forward_hook(self._make_root_post(index), with_kwargs=True, always_call=True),
         ]
         if self.rec.buf.sampled and self._active:
@@ -120,10 +123,11 @@ class StepTracker:
         return self._depth > 0 or self._eval_depth > 0
 
     def root_pre_now(self, index: int, module: nn.Module, args: tuple[Any, ...]) -> None:
-        """Run a root's pre-hook by hand for the call during which the root was found."""
+        """Run a root's pre-hook by hand for the call during which the root was found (its
+        keyword arguments are not known there)."""
         hook = self._root_pre.get(index)
         if hook is not None:
-            hook(module, args)
+            hook(module, args, None)
 
     # -- step boundaries ------------------------------------------------------------------------------
     def close_step(self, now: int | None = None) -> StepBuffer | None:
@@ -141,6 +145,7 @@ class StepTracker:
         if carry:
             buf.marks = [mark for mark in buf.marks if mark[1] <= end]
         buf.end_ns = end
+        buf.forward_inputs = []  # needed only until the optimizer step
         buf.overhead_ns += buf.hook_ns
         buf.hook_errors = self.rec.hook_errors - self._errors_seen
         self._errors_seen = self.rec.hook_errors
@@ -173,7 +178,7 @@ class StepTracker:
         start = _now()
         sampled_index = (buf.number - 1) // self.sample_every
         self.rec.flow = sampled_index % FLOW_EVERY == 0 or self.rec.hunt > 0
-        self.rec.check_outputs = True
+        self.rec.check_outputs = not self.rec.keep_inputs  # else a bad step replays its forward
         if self.rec.hunt > 0:
             self.rec.hunt -= 1
         self.rec.refresh_roots()  # modules added since the last sampled step
@@ -185,7 +190,7 @@ class StepTracker:
     def _make_root_pre(self, index: int) -> Callable[..., None]:
         forward_pre = self.rec.forward_hooks(index)[0]
 
-        def root_pre(module: nn.Module, args: tuple[Any, ...]) -> None:
+        def root_pre(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> None:
             rec = self.rec
             if rec.skip():
                 return None
@@ -198,6 +203,9 @@ class StepTracker:
                 elif _graph_task_id() == -1:
                     if self._depth == 0:
                         self._start_forward(now)
+                        inputs = rec.buf.forward_inputs
+                        if rec.keep_inputs and len(inputs) < MAX_REPLAY_CALLS:
+                            inputs.append((index, args, kwargs))  # references: see health/replay.py
                     self._depth += 1
             except Exception as exc:
                 rec.hook_error(exc)

@@ -506,7 +506,8 @@ class _StepSpans:
         )
         target, at = fallback, self.hi
         if candidates:
-            best = [c for c in candidates if c[0].phase == phase] or candidates
+            home = "forward" if phase == "input" else phase  # a NaN batch: on the root's forward
+            best = [c for c in candidates if c[0].phase == home] or candidates
             _, target, at = min(best, key=lambda c: c[0].depth)
         attrs: dict[str, Any] = {"hooktrace.module": module, "hooktrace.phase": phase}
         if value is not None and math.isfinite(value):

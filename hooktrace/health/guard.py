@@ -8,6 +8,8 @@ DDP's all-reduce every rank holds the same gradients, so every rank clips the sa
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from hooktrace._record.buffer import StepBuffer
@@ -20,10 +22,18 @@ from hooktrace.health.norms import GradNormCapture, resolve_norms
 class SyncGuard:
     """Evaluates gradient health at the optimizer pre-hook and acts on it."""
 
-    def __init__(self, config: Config, capture: GradNormCapture, health: GradHealth) -> None:
+    def __init__(
+        self,
+        config: Config,
+        capture: GradNormCapture,
+        health: GradHealth,
+        locate: Callable[[StepBuffer, list[float]], None] | None = None,
+    ) -> None:
         self.config = config
         self.capture = capture
         self.health = health
+        self.locate = locate
+        """Called on a non-finite step before the source is named (the forward replay)."""
 
     def check(self, buf: StepBuffer) -> None:
         """Set ``buf.health``; clip in place or raise as configured."""
@@ -34,6 +44,8 @@ class SyncGuard:
             params, buf.grad_present, values, detail=buf.sampled, per_param=self.config.on_explosion == "clip"
         )
         buf.health = verdict
+        if verdict.nonfinite and self.locate is not None:
+            self.locate(buf, values)
         if verdict.nonfinite and self.config.on_nonfinite == "raise":
             module, _, phase = nonfinite_source(buf, verdict, params, self.capture.table)
             raise NonFiniteGradientError(buf.number, module, phase)

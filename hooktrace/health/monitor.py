@@ -127,9 +127,14 @@ def locate_nonfinite(
 def nonfinite_source(buf: Any, verdict: Verdict, params: list[ParamRef], table: ModuleTable) -> tuple[str, str, str]:
     """``(module name, module label, phase)`` of where a step's gradient went non-finite.
 
-    ``buf`` is the step's StepBuffer (its recorded output and gradient norms). Phase ``unknown``
-    (and the first parameter owner) when the step recorded too little to tell.
+    ``buf`` is the step's StepBuffer (its recorded output and gradient norms). Phase ``input``
+    (and the root) when the batch itself held the NaN/Inf; ``unknown`` (and the first parameter
+    owner) when the step recorded too little to tell.
     """
+    infos = table.infos
+    if buf.nonfinite_input is not None:
+        root = infos[buf.nonfinite_input]
+        return root.display, root.label, "input"
     where = locate_nonfinite(
         resolve_pairs(buf.output_norms),
         resolve_pairs(buf.input_grad_norms),
@@ -138,7 +143,6 @@ def nonfinite_source(buf: Any, verdict: Verdict, params: list[ParamRef], table: 
         params,
         buf.grad_present,
     )
-    infos = table.infos
     if where is not None:
         return infos[where[0]].display, infos[where[0]].label, where[1]
     if verdict.nonfinite_params:

@@ -127,7 +127,9 @@ def test_raise_stops_training_at_the_spike_step_naming_modules(tmp_path: Path) -
 
 
 class NaNAt(nn.Module):
-    """Produces NaN in forward (``where="forward"``) or only in backward at a given call."""
+    """Produces NaN in forward from a batch with a huge value (``where="forward"``: data-dependent,
+    like a log of a negative, so a replay of that batch reproduces it), or only in backward at a
+    given call (``where="backward"``)."""
 
     class _BackwardNaN(torch.autograd.Function):
         @staticmethod
@@ -146,29 +148,39 @@ class NaNAt(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.calls += 1
         y = self.lin(x)
-        if self.calls == self.at:
-            y = y * float("nan") if self.where == "forward" else NaNAt._BackwardNaN.apply(y)
+        if self.where == "forward" and bool(x.abs().amax() > 1e3):
+            y = y * float("nan")
+        elif self.where == "backward" and self.calls == self.at:
+            y = NaNAt._BackwardNaN.apply(y)
         return y
 
 
+def _batch(step: int, nan_at: int) -> torch.Tensor:
+    """A batch; the one of step ``nan_at`` holds a huge value (NaNAt's forward trigger)."""
+    return torch.randn(4, 8) * (1e6 if step == nan_at else 1.0)
+
+
 @pytest.mark.parametrize(
-    ("where", "at", "sample_every", "named"),
+    ("where", "at", "sample_every", "replay", "named"),
     [
-        ("forward", 4, 1, {"2"}),  # sampled step: module output sums
-        ("backward", 1, 1, {"2"}),  # deep step: input vs output gradient norms
-        ("backward", 4, 10, {"2", "2.lin"}),  # unsampled step: parameter gradients, innermost owner
+        ("forward", 4, 1, True, {"2"}),  # sampled step, CPU: the step's forward replayed
+        ("forward", 4, 10, True, {"2"}),  # unsampled step, CPU: the same
+        ("forward", 4, 1, False, {"2"}),  # sampled step, no replay (CUDA in warn mode): output sums
+        ("backward", 1, 1, True, {"2"}),  # deep step: input vs output gradient norms
+        ("backward", 4, 10, True, {"2", "2.lin"}),  # unsampled step: parameter gradients, innermost owner
     ],
 )
 def test_the_first_non_finite_module_is_named_in_the_right_phase(
-    where: str, at: int, sample_every: int, named: set[str], tmp_path: Path
+    where: str, at: int, sample_every: int, replay: bool, named: set[str], tmp_path: Path
 ) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), NaNAt(at=at, where=where), nn.Tanh(), nn.Linear(8, 1))
     agent = hooktrace.attach(model, out=str(tmp_path), metrics_port=0, sample_every=sample_every)
+    agent.recorder.keep_inputs = replay  # what attach chose on CPU, or what it chooses on CUDA in warn mode
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    for _ in range(at):
+    for step in range(1, at + 1):
         opt.zero_grad()
-        model(torch.randn(4, 8)).mean().backward()
+        model(_batch(step, at)).mean().backward()
         opt.step()
     summary = agent.close()
     records = read_steps(tmp_path)
@@ -178,17 +190,22 @@ def test_the_first_non_finite_module_is_named_in_the_right_phase(
     assert summary.ranks[0]["event_counts"]["nonfinite"] == 1
 
 
-def test_on_nonfinite_raise_stops_at_that_step(tmp_path: Path) -> None:
-    model = nn.Sequential(nn.Linear(8, 8), NaNAt(at=2, where="backward"), nn.Linear(8, 1))
+@pytest.mark.parametrize(("where", "named"), [("backward", {"1", "1.lin"}), ("forward", {"1"})])
+def test_on_nonfinite_raise_stops_at_that_step(where: str, named: set[str], tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(8, 8), NaNAt(at=2, where=where), nn.Linear(8, 1))
     agent = hooktrace.attach(model, out=str(tmp_path), metrics_port=0, on_nonfinite="raise")
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(hooktrace.NonFiniteGradientError) as info:
-        for _ in range(3):
+        for step in range(1, 4):
             opt.zero_grad()
-            model(torch.randn(4, 8)).mean().backward()
+            model(_batch(step, 2)).mean().backward()
+            if step == 2:
+                before = [p.detach().clone() for p in model.parameters()]
             opt.step()
-    assert (info.value.step, info.value.phase) == (2, "backward")
-    assert info.value.module in {"1", "1.lin"}
+    assert (info.value.step, info.value.phase) == (2, where)
+    assert info.value.module in named
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))  # no NaN step taken
     agent.close()
 
 
@@ -205,3 +222,47 @@ def test_buffer_norms_are_reported_on_sampled_steps(tmp_path: Path) -> None:
     assert set(records[0]["buffer_norms"]) == {"1.running_mean", "1.running_var"}
     assert records[0]["buffer_norms"]["1.running_var"] == pytest.approx(float(model[1].running_var.norm()), rel=0.2)
     assert "buffer_norms" not in records[1]
+
+
+def test_the_forward_replay_leaves_rng_buffers_and_parameters_as_without_the_agent(tmp_path: Path) -> None:
+    def run(with_agent: bool) -> tuple[nn.Module, torch.Tensor]:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.5), NaNAt(3, "forward"), nn.BatchNorm1d(8), nn.Linear(8, 1))
+        agent = hooktrace.attach(model, out=str(tmp_path), metrics_port=0) if with_agent else None
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        for step in range(1, 4):
+            opt.zero_grad()
+            model(_batch(step, 3)).mean().backward()
+            opt.step()
+        state = torch.get_rng_state()
+        if agent is not None:
+            agent.close()
+            event = next(e for e in read_steps(tmp_path)[-1]["events"] if e["kind"] == "nonfinite")
+            assert (event["first_module"], event["phase"]) == ("2", "forward")  # a replay ran
+        return model, state
+
+    bare, bare_rng = run(False)
+    watched, watched_rng = run(True)
+    assert torch.equal(bare_rng, watched_rng)
+    for (name, a), b in zip(bare.state_dict().items(), watched.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=name)
+
+
+def test_a_batch_that_already_holds_a_nan_is_named_as_the_input(tmp_path: Path, capsys: Any) -> None:
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1))
+    agent = hooktrace.attach(model, out=str(tmp_path), metrics_port=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for step in range(1, 4):
+        x = torch.randn(4, 8)
+        if step == 3:
+            x[1, 2] = float("nan")
+        opt.zero_grad()
+        model(x).mean().backward()
+        opt.step()
+    agent.close()
+    event = next(e for e in read_steps(tmp_path)[-1]["events"] if e["kind"] == "nonfinite")
+    assert (event["first_module"], event["phase"]) == ("Sequential", "input")
+    assert (
+        "non-finite gradient at step 3 (rank 0): the input of Sequential already held a NaN/Inf"
+        in capsys.readouterr().err
+    )

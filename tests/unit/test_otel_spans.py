@@ -255,7 +255,8 @@ def test_nonfinite_and_spike_events_land_on_the_span_of_their_module(tmp_path: P
     nonfinite = [(s.name, e) for s in spans for e in s.events if e.name == "nonfinite"]
     assert len(nonfinite) == 1
     name, event = nonfinite[0]
-    assert name == f"{event.attributes['hooktrace.phase']} {event.attributes['hooktrace.first_module']}"  # type: ignore[index]
+    assert event.attributes is not None and event.attributes["hooktrace.phase"] == "input"  # the batch held the NaN
+    assert name == f"forward {event.attributes['hooktrace.first_module']}"  # the root's forward span
     record = dataclasses.replace(
         next(r for r in records if r.step == 1),
         events=[
