@@ -163,6 +163,43 @@ def make_full_backward_hooks(rec: Recorder, index: int) -> tuple[Callable[..., N
     return backward_pre, backward_post
 
 
+class ForwardHookPair:
+    """A module's forward pre/post hooks (``with_kwargs=True, always_call=True`` for the post),
+    put into and taken out of the module's hook dicts directly: the dict entries that
+    ``register_forward_pre_hook``/``register_forward_hook`` make, under ids taken from the same
+    counter, without building handle objects at every sampled step (~1 us per module instead of
+    ~6). Removing restores the dicts exactly as they were."""
+
+    __slots__ = ("module", "post", "post_id", "pre", "pre_id")
+
+    def __init__(self, module: nn.Module, pre: Callable[..., None], post: Callable[..., None]) -> None:
+        self.module, self.pre, self.post = module, pre, post
+        self.pre_id = RemovableHandle.next_id
+        self.post_id = RemovableHandle.next_id + 1
+        RemovableHandle.next_id += 2
+
+    def add(self) -> None:
+        module = self.module
+        module._forward_pre_hooks[self.pre_id] = self.pre
+        module._forward_hooks[self.post_id] = self.post
+        module._forward_hooks_with_kwargs[self.post_id] = True
+        module._forward_hooks_always_called[self.post_id] = True
+
+    def remove(self) -> None:
+        module = self.module
+        module._forward_pre_hooks.pop(self.pre_id, None)
+        module._forward_hooks.pop(self.post_id, None)
+        module._forward_hooks_with_kwargs.pop(self.post_id, None)
+        module._forward_hooks_always_called.pop(self.post_id, None)
+
+
+def direct_hooks_supported() -> bool:
+    """Whether this PyTorch keeps forward hooks in the dicts ``ForwardHookPair`` writes to."""
+    probe = nn.Module()
+    names = ("_forward_pre_hooks", "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
+    return all(isinstance(getattr(probe, name, None), dict) for name in names) and hasattr(RemovableHandle, "next_id")
+
+
 class HookSet:
     """The handles of one module's registered hooks, removable in one call."""
 

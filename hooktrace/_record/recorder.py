@@ -14,10 +14,19 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.module import register_module_module_registration_hook
+from torch.utils.hooks import RemovableHandle
 
 from hooktrace._record.buffer import BWD_START, MAX_EVENTS_PER_STEP, StepBuffer
 from hooktrace._record.clock import Clock, CpuClock
-from hooktrace._record.hooks import HookSet, make_forward_hooks, make_full_backward_hooks, register_module_hooks
+from hooktrace._record.hooks import (
+    ForwardHookPair,
+    HookSet,
+    direct_hooks_supported,
+    make_forward_hooks,
+    make_full_backward_hooks,
+    register_module_hooks,
+)
 from hooktrace._record.module_table import ModuleTable
 from hooktrace._record.preflight import Preflight
 
@@ -62,9 +71,13 @@ class Recorder:
         self._on_fatal = on_fatal
         self._forward_hooks: list[tuple[Callable[..., None], ...]] = []
         self._full_hooks: list[tuple[Callable[..., None], Callable[..., None]]] = []
-        self._active: dict[int, HookSet] = {}
+        self._active: dict[int, HookSet | ForwardHookPair] = {}
+        self._pairs: list[ForwardHookPair | None] = []
+        self._direct = direct_hooks_supported()
         self._pinned: set[int] = set()
         self._root_labels: dict[int, tuple[str, bool]] = {}
+        self._modules_changed = False
+        self._registration_hook: RemovableHandle | None = None
 
     # -- hot path -------------------------------------------------------------------------------
     def on_backward(self, kind: int, index: int, call: int, grad: Any) -> None:
@@ -150,12 +163,23 @@ class Recorder:
 
     # -- set-up (training thread, outside hooks) ------------------------------------------------
     def refresh_roots(self) -> None:
-        """Index submodules added to the roots since they were indexed."""
+        """Index submodules added to the roots since they were indexed: walks the roots only
+        when some module was registered somewhere since the last walk (a global registration
+        hook sets a flag), so a sampled step of an unchanged model does not walk it."""
+        if not self._modules_changed:
+            return
+        self._modules_changed = False
         for index, (label, descend) in list(self._root_labels.items()):
             self.index_root(self.modules[index], label, descend)
 
+    def _on_module_registered(self, module: nn.Module, name: str, submodule: Any) -> None:
+        self._modules_changed = True
+        return None
+
     def index_root(self, root: nn.Module, label: str, descend: bool = True) -> list[tuple[int, nn.Module]]:
         """Index a root and any new submodules; builds their hooks. Returns the new modules."""
+        if self._registration_hook is None:
+            self._registration_hook = register_module_module_registration_hook(self._on_module_registered)
         added = self.table.add_root(root, label, descend=descend)
         index = self.table.index_of(root)
         if index is not None and index in self.table.roots and index not in self._root_labels:
@@ -164,6 +188,8 @@ class Recorder:
         for index, module in added:
             self.modules.append(module)
             self._forward_hooks.append(make_forward_hooks(self, index, tensor_backward))
+            pre, post = self._forward_hooks[-1]
+            self._pairs.append(ForwardHookPair(module, pre, post) if self._direct else None)
             self._full_hooks.append(make_full_backward_hooks(self, index))
             if self.backward == "full" and getattr(module, "inplace", False) is True:
                 self.full_skipped[index] = "inplace=True"
@@ -215,6 +241,11 @@ class Recorder:
             and self.preflight.done
             and index not in self.full_skipped
         )
+        pair = self._pairs[index]
+        if pair is not None and not use_full:
+            pair.add()
+            self._active[index] = pair
+            return
         forward = self._forward_hooks[index]
         if use_full:
             forward = make_forward_hooks(self, index, tensor_backward=False)
@@ -223,6 +254,9 @@ class Recorder:
         )
 
     def remove_all(self) -> None:
+        if self._registration_hook is not None:
+            self._registration_hook.remove()
+            self._registration_hook = None
         for hooks in self._active.values():
             hooks.remove()
         self._active.clear()

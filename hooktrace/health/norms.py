@@ -7,6 +7,7 @@ are simply a tensor. No ``.item()``, no sync.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +15,8 @@ import torch
 from torch import nn
 
 from hooktrace._record.module_table import ModuleTable
+
+_NO_CONTEXT = contextlib.nullcontext()
 
 
 @dataclass(slots=True)
@@ -47,10 +50,11 @@ class GradNormCapture:
         return self._params
 
     def capture(self) -> tuple[Any, list[int], Any]:
-        """``(norms tensor, positions of params that had a grad, ready event or None)``.
+        """``(norms, positions of params that had a grad, ready event or None)``: norms are host
+        floats on CPU, a tensor being copied to pinned host memory on CUDA.
 
         Training thread, once per step: a handful of Python operations per parameter, one
-        ``_foreach_norm`` and one ``stack``; on CUDA a non-blocking copy to pinned memory.
+        ``_foreach_norm``; on CUDA one ``stack`` and a non-blocking copy to pinned memory.
         """
         self.params()  # refresh when modules were added
         present: list[int] = []
@@ -63,10 +67,12 @@ class GradNormCapture:
                 append_grad(grad)
         if not grads:
             return None, present, None
-        with torch.no_grad():
+        with torch.no_grad() if grads[0].requires_grad else _NO_CONTEXT:  # create_graph=True only
             norms = list(torch._foreach_norm(grads, 2, dtype=torch.float32))
             if not norms[0].is_cuda and not self._multi_device:
-                return norms, present, None  # the worker stacks them: one op less here
+                # CPU: host floats now (~0.2 us each, cheaper than a stack), so a non-finite
+                # step is known before the optimizer steps and the worker needs no tensor op.
+                return [n.item() for n in norms], present, None
             if self._multi_device:
                 device = norms[0].device
                 norms = [n.to(device) for n in norms]
@@ -111,12 +117,13 @@ def to_host_floats(tensor: torch.Tensor) -> list[float]:
 
 
 def resolve_norms(norms: Any, ready: Any) -> list[float]:
-    """Host floats of a captured norms tensor (worker thread: may wait for the copy)."""
+    """Host floats of captured norms: CPU floats as they are, a (pinned host) tensor once its
+    copy is done (worker thread: may wait for the copy)."""
     if norms is None:
         return []
+    if isinstance(norms, list):
+        return norms
     if ready is not None:
         ready.synchronize()
-    if isinstance(norms, list):
-        norms = torch.stack(norms)
     values: list[float] = norms.tolist()
     return values

@@ -40,25 +40,16 @@ def replayable(modules: Sequence[nn.Module]) -> bool:
 
 
 def host_norms(buf: StepBuffer) -> list[float] | None:
-    """The step's per-parameter norms as host floats when that needs no device sync (CPU).
-
-    Stacks the CPU norms into one tensor and stores it back, so the worker does not stack again.
-    """
+    """The step's per-parameter norms as host floats when they are already on the host (CPU:
+    ``GradNormCapture`` made them floats); None where reading them would wait for the device."""
     norms = buf.grad_norms
-    if norms is None or buf.grad_ready is not None:
-        return None
-    if isinstance(norms, list):
-        if norms[0].is_cuda:
-            return None
-        norms = buf.grad_norms = torch.stack(norms)
-    if norms.is_cuda:
-        return None
-    values: list[float] = norms.tolist()
-    return values
+    return norms if isinstance(norms, list) else None
 
 
 def needs_replay(values: list[float], params: list[ParamRef], present: list[int]) -> bool:
     """A non-finite gradient that the parameter gradients cannot place (see ``locate_nonfinite``)."""
+    if math.isfinite(sum(values)):  # norms are >= 0: the sum is finite iff every one is
+        return False
     bad = [pos for pos, value in zip(present, values, strict=True) if not math.isfinite(value)]
     return bool(bad) and locate_nonfinite([], [], [], bad, params, present) is None
 

@@ -22,6 +22,7 @@ def _hook_counts(model: nn.Module) -> int:
     for m in model.modules():
         total += len(m._forward_pre_hooks) + len(m._forward_hooks) + len(m._backward_hooks)
         total += len(m._backward_pre_hooks) + len(m._forward_hooks_always_called)
+        total += len(m._forward_hooks_with_kwargs) + len(m._forward_pre_hooks_with_kwargs)
     return total
 
 
@@ -29,6 +30,7 @@ def _global_hooks() -> int:
     return (
         len(module_mod._global_forward_pre_hooks)
         + len(module_mod._global_forward_hooks)
+        + len(module_mod._global_module_registration_hooks)
         + len(optimizer_mod._global_optimizer_pre_hooks)
         + len(optimizer_mod._global_optimizer_post_hooks)
     )
@@ -312,3 +314,24 @@ def test_an_optimizer_of_a_model_the_agent_does_not_watch_ends_no_step(tmp_path:
     steps = read_steps(tmp_path)
     assert [s["step"] for s in steps] == [1, 2, 3, 4, 5, 6]
     assert all(s["grad_norm"] is not None and s["phases"]["optimizer"] > 0 for s in steps)
+
+
+def test_module_hooks_exist_on_sampled_steps_only_and_a_users_own_hooks_keep_running(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    seen: list[str] = []
+    user = model[1].register_forward_hook(lambda m, a, out: seen.append("user"))
+    agent = hooktrace.attach(model, out=str(tmp_path), metrics_port=0, sample_every=3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    counts = []
+    for _ in range(6):
+        opt.zero_grad()
+        model(torch.randn(2, 4)).pow(2).mean().backward()
+        opt.step()
+        counts.append(sum(_hook_counts(m) for m in list(model)))  # submodules only; the root keeps its hooks
+    agent.close()
+    # step 1 and step 4 are sampled: their hooks are on until the next step's forward closes them
+    assert counts[1] == counts[2] == counts[4] == counts[5] == 1  # only the user's hook in between
+    assert counts[0] > 1 and counts[3] > 1
+    assert seen == ["user"] * 6
+    user.remove()
+    assert _hook_counts(model) == 0
