@@ -54,6 +54,44 @@ def test_norms_equal_an_independent_float64_reference(factory: Any, tmp_path: Pa
         assert record["param_grad_norms"] == pytest.approx(per_param, rel=1e-5)
 
 
+def test_gradient_flow_is_the_norm_of_each_modules_output_gradient(tmp_path: Path) -> None:
+    """On sampled steps, ``output_grad_norms[module]`` = ||dL/d output|| of that module, checked
+    against gradients kept with ``retain_grad`` in float64 (contiguous float32 CPU gradients take
+    the BLAS path, a transposed one the reduction kernel)."""
+
+    class Transposed(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.t()  # its output gradient arrives non-contiguous
+
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), Transposed(), nn.Flatten(0), nn.Linear(64, 1))
+
+    batch = torch.randn(4, 8)
+    reference, outputs = build(), {}
+
+    def keep(name: str) -> Any:
+        def hook(module: nn.Module, args: Any, out: torch.Tensor) -> None:
+            out.retain_grad()
+            outputs[name] = out
+
+        return hook
+
+    for name, module in reference.named_children():
+        module.register_forward_hook(keep(name))
+    reference(batch).pow(2).sum().backward()
+    expected = {name: float(out.grad.double().norm()) for name, out in outputs.items()}
+
+    model = build()
+    agent = hooktrace.attach(model, out=str(tmp_path), metrics_port=0, sample_every=1)
+    model(batch).pow(2).sum().backward()
+    torch.optim.SGD(model.parameters(), lr=0.0).step()
+    agent.close()
+    flow = read_steps(tmp_path)[0]["output_grad_norms"]
+    expected["Sequential"] = expected["4"]  # the root's output is its last child's
+    assert flow == pytest.approx(expected, rel=1e-5)
+
+
 def _explode_run(
     tmp_path: Path, *, module_only: bool = False, attach: bool = True, steps: int = 40, **options: Any
 ) -> tuple[list[float], list[torch.Tensor], Any]:
