@@ -56,8 +56,7 @@ def test_norms_equal_an_independent_float64_reference(factory: Any, tmp_path: Pa
 
 def test_gradient_flow_is_the_norm_of_each_modules_output_gradient(tmp_path: Path) -> None:
     """On sampled steps, ``output_grad_norms[module]`` = ||dL/d output|| of that module, checked
-    against gradients kept with ``retain_grad`` in float64 (contiguous float32 CPU gradients take
-    the BLAS path, a transposed one the reduction kernel)."""
+    against gradients kept with ``retain_grad`` in float64 (a transposed one among them)."""
 
     class Transposed(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
