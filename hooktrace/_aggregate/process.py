@@ -41,6 +41,7 @@ class StepProcessor:
             buf.marks.extend((M_AR_END, t) for t in done)
         start = buf.start_ns or (buf.marks[0][1] if buf.marks else buf.end_ns)
         end = max(buf.end_ns, start)
+        intervals = phase_intervals(start, end, buf.marks)
         record = StepRecord(
             step=buf.number,
             rank=self.rank,
@@ -48,8 +49,8 @@ class StepProcessor:
             start_ns=start,
             end_ns=end,
             wall_start_ns=start + self.wall_offset_ns,
-            phases=phase_durations(start, end, buf.marks),
-            phase_spans=phase_intervals(start, end, buf.marks),
+            phases=phase_durations(intervals),
+            phase_spans=intervals,
             micro_batches=buf.micro_batches,
             optimizer_steps=buf.optimizer_steps,
             skipped=buf.skipped,
@@ -62,7 +63,7 @@ class StepProcessor:
             if buf.clock is None or buf.clock.kind == "cpu":
                 aligned = _align_backward_marks(buf.marks, record.spans)
                 record.phase_spans = phase_intervals(start, end, aligned)
-                record.phases = phase_durations(start, end, aligned)
+                record.phases = phase_durations(record.phase_spans)
         self._gradients(buf, record)
         if buf.skipped:
             record.events.append(StepEvent("amp_skip", "__total__", "optimizer"))

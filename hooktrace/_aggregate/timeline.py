@@ -83,10 +83,10 @@ def phase_intervals(start_ns: int, end_ns: int, marks: list[tuple[int, int]]) ->
     return merged
 
 
-def phase_durations(start_ns: int, end_ns: int, marks: list[tuple[int, int]]) -> dict[str, float]:
-    """Seconds per phase; the values sum to ``(end_ns - start_ns) / 1e9``."""
+def phase_durations(intervals: list[tuple[str, int, int]]) -> dict[str, float]:
+    """Seconds per phase of ``phase_intervals``; they sum to the step's duration."""
     totals: dict[str, int] = defaultdict(int)
-    for phase, s, e in phase_intervals(start_ns, end_ns, marks):
+    for phase, s, e in intervals:
         totals[phase] += e - s
     return {phase: ns / 1e9 for phase, ns in totals.items()}
 

@@ -14,6 +14,9 @@ from typing import IO, Any
 from hooktrace._aggregate.snapshot import MetricsSnapshot
 from hooktrace._aggregate.step_record import StepRecord
 
+_encode = json.JSONEncoder(allow_nan=False).encode
+"""One strict encoder for every line (``json.dumps`` with an option builds one per call)."""
+
 
 def _finite(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
@@ -41,7 +44,12 @@ class StepsJsonlExporter:
     def export_step(self, step: StepRecord, snapshot: MetricsSnapshot) -> None:
         if self._file is None:
             return
-        self._file.write(json.dumps(_finite(step.as_json()), allow_nan=False) + "\n")
+        record = step.as_json()
+        try:
+            line = _encode(record)
+        except ValueError:  # a NaN/Inf somewhere: JSON has no such number, write null
+            line = _encode(_finite(record))
+        self._file.write(line + "\n")
 
     def refresh(self, snapshot: MetricsSnapshot) -> None:
         return None

@@ -16,6 +16,9 @@ from hooktrace._aggregate.snapshot import MetricsSnapshot
 from hooktrace._aggregate.stats import RankStats
 from hooktrace._aggregate.step_record import StepRecord
 
+_encode = json.JSONEncoder(separators=(",", ":")).encode
+"""One encoder for every event: ``json.dumps`` with any option builds a new one per call."""
+
 
 class PerfettoExporter:
     """Streams trace events; stops (and counts) beyond ``max_events``."""
@@ -66,7 +69,7 @@ class PerfettoExporter:
             if self._stats is not None:
                 self._stats.dropped["trace_events"] = self.dropped  # worker thread, like all of this
             return
-        line = json.dumps(event, separators=(",", ":")) + ",\n"
+        line = _encode(event) + ",\n"
         if self._pending is not None:
             self._pending.append(line)
         else:
