@@ -61,6 +61,8 @@ class Recorder:
         self.skip: Callable[[], bool] = torch.compiler.is_compiling
         self.buf = StepBuffer(number=1, sampled=True, start_ns=0)
         self.preflight: Preflight | None = Preflight() if backward == "full" else None
+        self.preflight_finished = False
+        """The preflight just ended: hooks registered before must be registered anew (full mode)."""
         self.full_skipped: dict[int, str] = {}
         self.anchor_every_step = False
         """CUDA with DDP timing: every step needs an anchor to read all-reduce completion events."""

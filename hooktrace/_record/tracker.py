@@ -151,13 +151,15 @@ class StepTracker:
         self._errors_seen = self.rec.hook_errors
         if buf.pending_outputs:
             self.rec.check_pending_outputs()  # modules called outside a root's forward
-        if self._active:
-            buf.overhead_ns += self.rec.deactivate()
-            self._active = False
-        self.rec.flow = False
-        self.rec.check_outputs = False
         number = buf.number + 1
         sampled = (number - 1) % self.sample_every == 0 or self.rec.hunt > 0
+        if self._active and (not sampled or self.rec.preflight_finished):
+            # consecutive sampled steps keep their hooks, unless --backward full may now start
+            buf.overhead_ns += self.rec.deactivate()
+            self._active = False
+            self.rec.preflight_finished = False
+        self.rec.flow = False
+        self.rec.check_outputs = False
         nxt = StepBuffer(number=number, sampled=sampled, start_ns=end, marks=carry)
         nxt.clock = self.rec.clock
         if sampled or self.rec.pinned:  # an anchor maps this step's device stamps to host time
@@ -183,7 +185,7 @@ class StepTracker:
             self.rec.hunt -= 1
         self.rec.refresh_roots()  # modules added since the last sampled step
         buf.overhead_ns += _now() - start
-        buf.overhead_ns += self.rec.activate(exclude=self.roots())
+        buf.overhead_ns += self.rec.activate(exclude=self.roots())  # registers what is missing
         self._active = True
 
     # -- root hooks -------------------------------------------------------------------------------------
@@ -294,6 +296,7 @@ class StepTracker:
                 self.rec.buf.marks.append((M_BWD, _now()))
                 if self.rec.preflight is not None and not self.rec.preflight.done:
                     self.rec.full_skipped.update(self.rec.preflight.finish())
+                    self.rec.preflight_finished = True
                 _queue_callback(self._on_backward_end)
         except Exception as exc:
             self.rec.hook_error(exc)

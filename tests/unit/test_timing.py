@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 import hooktrace
 from tests import zoo
@@ -71,3 +72,20 @@ def test_step_phases_add_up_to_the_step_duration(tmp_path: Path) -> None:
         assert sum(step["phases"].values()) == pytest.approx(step["duration_s"], rel=1e-6, abs=1e-8)
         assert step["phases"]["backward"] >= 0.03
         assert step["phases"]["forward"] >= 0.02
+
+
+def test_full_backward_hooks_take_over_after_the_preflight_even_when_every_step_is_sampled(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(inplace=True), nn.Linear(8, 1))
+    agent = hooktrace.attach(model, out=str(tmp_path), metrics_port=0, backward="full", sample_every=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    full_hooks = []
+    for _ in range(3):
+        opt.zero_grad()
+        loss = model(torch.randn(2, 4)).pow(2).mean()
+        full_hooks.append([len(m._backward_hooks) for m in model])
+        loss.backward()
+        opt.step()
+    summary = agent.close()
+    # step 1 runs the preflight; skipped: the inplace ReLU, and the modules whose input needs no grad
+    assert full_hooks == [[0, 0, 0], [0, 0, 1], [0, 0, 1]]
+    assert sorted(item["module"] for item in summary.backward_skipped) == ["0", "1", "Sequential"]
