@@ -38,6 +38,8 @@ class PerfettoExporter:
         self._stats = stats
         """Where drops are reported (``hooktrace_dropped_total{what="trace_events"}``), as OTel does."""
         self._pending: list[str] | None = None
+        self._quoted: dict[tuple[int, str], tuple[str, str]] = {}
+        """(module index, phase) -> the fixed JSON text around a span event's numbers."""
         self._file: IO[str] | None = None
 
     def start(self) -> None:
@@ -62,6 +64,10 @@ class PerfettoExporter:
         return (ns + self.wall_offset_ns) / 1000.0
 
     def _write(self, event: dict[str, Any]) -> None:
+        self._write_line(_encode(event) + ",\n")
+
+    def _write_line(self, line: str) -> None:
+        """One event, already a line of JSON."""
         if self._file is None:
             return
         if self.written >= self.max_events:
@@ -69,7 +75,6 @@ class PerfettoExporter:
             if self._stats is not None:
                 self._stats.dropped["trace_events"] = self.dropped  # worker thread, like all of this
             return
-        line = _encode(event) + ",\n"
         if self._pending is not None:
             self._pending.append(line)
         else:
@@ -111,14 +116,18 @@ class PerfettoExporter:
         )
         for phase, start, end in step.phase_spans:
             self._complete(phase, "phase", start, end, {"step": step.step, "phase": phase})
+        quoted = self._quoted
         for span in sorted(step.spans, key=lambda s: (s.start_ns, -s.end_ns)):
-            self._complete(
-                f"{span.phase} {span.module}",
-                span.phase,
-                span.start_ns,
-                span.end_ns,
-                {"module": span.module, "module_type": span.module_type, "self_us": span.self_ns / 1000.0},
-            )
+            key = (span.index, span.phase)
+            parts = quoted.get(key)
+            if parts is None:  # JSON-escaped once per module and phase, then reused
+                parts = quoted[key] = (
+                    f'{{"name":{_encode(f"{span.phase} {span.module}")},"cat":{_encode(span.phase)},"ph":"X","ts":',
+                    f',"pid":{self.rank},"tid":0,"args":{{"module":{_encode(span.module)},'
+                    f'"module_type":{_encode(span.module_type)},"self_us":',
+                )
+            ts, dur = self._us(span.start_ns), max(0, span.end_ns - span.start_ns) / 1000.0
+            self._write_line(f'{parts[0]}{ts!r},"dur":{dur!r}{parts[1]}{span.self_ns / 1000.0!r}}}}},\n')
         for event in step.events:
             self._write(
                 {

@@ -44,3 +44,32 @@ def test_a_non_finite_number_is_written_as_null_and_every_line_stays_strict_json
     assert second["phases"]["forward"] is None
     assert second["module_grad_norms"] == {"body": None}
     assert second["events"][0]["value"] is None
+
+
+def test_trace_events_are_strict_json_even_for_module_names_that_need_escaping(tmp_path: Path) -> None:
+    import torch
+    from torch import nn
+
+    import hooktrace
+    from tests.conftest import read_trace
+
+    class Odd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.parts = nn.ModuleDict({'say "hi"\\\\ü': nn.Linear(4, 4)})
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.parts['say "hi"\\\\ü'](x)
+
+    model = Odd()
+    agent = hooktrace.attach(model, out=str(tmp_path), metrics_port=0, sample_every=1)
+    model(torch.randn(2, 4)).sum().backward()
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    agent.close()
+    events = [e for e in read_trace(tmp_path) if e.get("ph") == "X" and e["cat"] in ("forward", "backward")]
+    odd = 'parts.say "hi"\\\\ü'
+    forward = next(e for e in events if e["name"] == f"forward {odd}")
+    assert forward["args"]["module"] == odd and forward["args"]["module_type"] == "Linear"
+    assert set(forward) == {"name", "cat", "ph", "ts", "dur", "pid", "tid", "args"}
+    assert forward["dur"] >= 0 and forward["args"]["self_us"] <= forward["dur"] + 1e-6
+    assert any(e["name"] == f"backward {odd}" for e in events)
