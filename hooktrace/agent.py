@@ -126,7 +126,6 @@ class Agent:
             on_step=self._on_step,
             on_optimizer=self._on_optimizer,
             on_sampling=self._on_sampling,
-            on_backward=self._on_backward,
         )
         self.discovery: Discovery | None = None
         self.info = RankInfo(
@@ -432,12 +431,6 @@ class Agent:
 
     def _on_step(self, buf: StepBuffer) -> None:
         self.worker.submit(buf)
-
-    def _on_backward(self, started: bool) -> None:
-        if started:
-            self.worker.open_window()
-        else:
-            self.worker.close_window()
 
     def _on_record(self, record: StepRecord) -> None:
         self.stats.hook_errors = self.recorder.hook_errors

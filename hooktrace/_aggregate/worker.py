@@ -21,17 +21,14 @@ from hooktrace._aggregate.step_record import StepRecord
 from hooktrace._record.buffer import StepBuffer
 from hooktrace.export.base import Exporter
 
+FLUSH_INTERVAL_S = 2.0
 T = TypeVar("T")
 
-FLUSH_INTERVAL_S = 2.0
 POLL_INTERVAL_S = 0.05
 SNAPSHOT_INTERVAL_S = 0.5
-"""Metrics snapshots are rebuilt at most this often (and at every flush), not every step."""
 CHECKPOINT_INTERVAL_S = 10.0
 """summary.json is rewritten this often while the run goes on, so a killed run leaves one."""
-MAX_DEFER_S = 0.25
-"""Longest a finished step waits for a backward pass (see ``Worker.open_window``) before it is
-processed anyway: what metrics and files lag behind training at most, beyond a poll interval."""
+"""Metrics snapshots are rebuilt at most this often (and at every flush), not every step."""
 
 
 class Worker:
@@ -59,10 +56,6 @@ class Worker:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._urgent = threading.Event()
-        self._drain = threading.Event()
-        self._window = False
-        """The training thread is inside a backward pass (C++, GIL released): a good time to work."""
-        self._pending_since = 0.0
         self._urgent_done = threading.Event()
         self._on_checkpoint = on_checkpoint
         self._tasks: deque[Callable[[], None]] = deque()
@@ -88,23 +81,8 @@ class Worker:
         if len(self._queue) >= self._queue_size:
             self.dropped_steps += 1
             return
-        if not self._queue:
-            self._pending_since = time.monotonic()
         self._queue.append(buf)
         self._submitted += 1
-
-    def open_window(self) -> None:
-        """Training thread, as a backward pass starts. Autograd runs it in C++ without the GIL
-        (hooktrace's own hooks aside), so the worker's Python work done now does not hold up
-        training, which needs the GIL at every op of forward and the optimizer: queued steps are
-        processed in these windows, or after ``MAX_DEFER_S`` when none comes."""
-        self._window = True
-        if self._queue:
-            self._wake.set()
-
-    def close_window(self) -> None:
-        """Training thread, as a backward pass ends."""
-        self._window = False
 
     def _run(self) -> None:
         last_flush = last_checkpoint = time.monotonic()
@@ -116,32 +94,20 @@ class Worker:
                     self._tasks.popleft()()
                 except Exception:
                     self.stats.export_errors["worker"] += 1
-            urgent = self._urgent.is_set()
-            now = time.monotonic()
-            forced = (
-                urgent
-                or self._stop.is_set()
-                or self._drain.is_set()
-                or (bool(self._queue) and now - self._pending_since >= MAX_DEFER_S)
-                or len(self._queue) >= self._queue_size // 2
-            )
-            drained = False
-            while self._queue and (self._window or forced):
+            drained = bool(self._queue)
+            while self._queue:
                 self._handle(self._queue.popleft())
                 self._processed += 1
-                drained = True
                 time.sleep(0)  # let the training thread take the GIL between steps
-            if not self._queue:
-                self._drain.clear()
             now = time.monotonic()
-            late = 1.0 if self._window else 2.0  # periodic work waits for a window, up to twice as long
-            if urgent or now - last_flush >= late * FLUSH_INTERVAL_S:
+            urgent = self._urgent.is_set()
+            if urgent or now - last_flush >= FLUSH_INTERVAL_S:
                 self._refresh_snapshot(now)
                 self._flush()
                 last_flush = now
             elif drained:
                 self._flush()  # files get every step within a poll interval: a killed run loses little
-            if urgent or now - last_checkpoint >= late * CHECKPOINT_INTERVAL_S:
+            if urgent or now - last_checkpoint >= CHECKPOINT_INTERVAL_S:
                 self._checkpoint()
                 last_checkpoint = now
                 if urgent:
@@ -236,12 +202,8 @@ class Worker:
                 self.stats.export_errors[exporter.name] += 1
 
     def wait_idle(self, timeout: float) -> bool:
-        """Wait until every submitted step is processed (tests, close): processed now, not at
-        the next backward pass."""
+        """Wait until every submitted step is processed (tests, close)."""
         deadline = time.monotonic() + timeout
-        if self._processed < self._submitted:
-            self._drain.set()
-            self._wake.set()
         while self._processed < self._submitted:
             if time.monotonic() > deadline or not self._thread.is_alive():
                 return False

@@ -59,15 +59,12 @@ class StepTracker:
         on_step: Callable[[StepBuffer], None],
         on_optimizer: Callable[[StepBuffer], None],
         on_sampling: Callable[[bool], None] | None = None,
-        on_backward: Callable[[bool], None] | None = None,
     ) -> None:
         self.rec = recorder
         self.sample_every = sample_every
         self._on_step = on_step
         self._on_optimizer = on_optimizer
         self._on_sampling = on_sampling or (lambda sampled: None)
-        self._on_backward = on_backward or (lambda started: None)
-        """Called as each backward pass starts (True) and ends (False): the worker's quiet time."""
         self._root_pre: dict[int, Callable[..., None]] = {}
         self.before_forward: list[Callable[[], None]] = []
         """One-shot set-up to run at the next training forward (e.g. the DDP comm hook)."""
@@ -301,14 +298,12 @@ class StepTracker:
                     self.rec.full_skipped.update(self.rec.preflight.finish())
                     self.rec.preflight_finished = True
                 _queue_callback(self._on_backward_end)
-                self._on_backward(True)
         except Exception as exc:
             self.rec.hook_error(exc)
         return None
 
     def _on_backward_end(self) -> None:
         try:
-            self._on_backward(False)
             buf = self.rec.buf
             buf.marks.append((M_BWD_END, _now()))
             self._in_backward = False
