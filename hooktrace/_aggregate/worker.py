@@ -54,6 +54,7 @@ class Worker:
         self._on_record = on_record
         self._thread = threading.Thread(target=self._run, name="hooktrace-worker", daemon=True)
         self._stop = threading.Event()
+        self.poll_s = POLL_INTERVAL_S
         self._wake = threading.Event()
         self._urgent = threading.Event()
         self._urgent_done = threading.Event()
@@ -87,7 +88,7 @@ class Worker:
     def _run(self) -> None:
         last_flush = last_checkpoint = time.monotonic()
         while True:
-            woken = self._wake.wait(POLL_INTERVAL_S)
+            woken = self._wake.wait(self.poll_s)
             self._wake.clear()
             while self._tasks:
                 try:
