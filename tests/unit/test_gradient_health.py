@@ -303,3 +303,19 @@ def test_a_batch_that_already_holds_a_nan_is_named_as_the_input(tmp_path: Path, 
         "non-finite gradient at step 3 (rank 0): the input of Sequential already held a NaN/Inf"
         in capsys.readouterr().err
     )
+
+
+def test_norms_reach_the_host_in_one_transfer_without_any_item_call(tmp_path: Path, monkeypatch: Any) -> None:
+    calls: list[int] = []
+    item = torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: calls.append(1) or item(self))
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1))
+    agent = hooktrace.attach(model, out=str(tmp_path), metrics_port=0, sample_every=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for _ in range(4):
+        opt.zero_grad()
+        model(torch.randn(4, 8)).pow(2).mean().backward()
+        opt.step()
+    agent.close()
+    assert calls == []
+    assert all(record["grad_norm"] > 0 for record in read_steps(tmp_path))
