@@ -25,6 +25,8 @@ FLUSH_INTERVAL_S = 2.0
 T = TypeVar("T")
 
 POLL_INTERVAL_S = 0.05
+FILE_FLUSH_INTERVAL_S = 0.5
+"""Step files are flushed at most this often (a write per poll costs the training thread)."""
 SNAPSHOT_INTERVAL_S = 0.5
 CHECKPOINT_INTERVAL_S = 10.0
 """summary.json is rewritten this often while the run goes on, so a killed run leaves one."""
@@ -86,7 +88,7 @@ class Worker:
         self._submitted += 1
 
     def _run(self) -> None:
-        last_flush = last_checkpoint = time.monotonic()
+        last_flush = last_checkpoint = last_file_flush = time.monotonic()
         while True:
             woken = self._wake.wait(self.poll_s)
             self._wake.clear()
@@ -106,8 +108,9 @@ class Worker:
                 self._refresh_snapshot(now)
                 self._flush()
                 last_flush = now
-            elif drained:
-                self._flush()  # files get every step within a poll interval: a killed run loses little
+            elif drained and now - last_file_flush >= FILE_FLUSH_INTERVAL_S:
+                self._flush()  # a killed (SIGKILL) run loses at most this much; signals flush all
+                last_file_flush = now
             if urgent or now - last_checkpoint >= CHECKPOINT_INTERVAL_S:
                 self._checkpoint()
                 last_checkpoint = now

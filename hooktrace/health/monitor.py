@@ -47,6 +47,8 @@ class GradHealth:
         self.detector = SpikeDetector(explode_factor)
         self.param_detector = SpikeDetector(explode_factor, max_series=1 << 20)
         self.watch_params = watch_params or set()
+        self._labels: list[str] = []
+        self._labels_for: list[ParamRef] | None = None
 
     def evaluate(
         self, params: list[ParamRef], present: list[int], values: list[float], *, detail: bool, per_param: bool
@@ -57,19 +59,23 @@ class GradHealth:
             return verdict
         sq_total = 0.0
         sq_label: dict[str, float] = defaultdict(float)
-        infos = self.table.infos
+        if self._labels_for is not params:  # the parameter list changed: label per position again
+            infos = self.table.infos
+            self._labels = [infos[ref.module].label for ref in params]
+            self._labels_for = params
+        labels, watched = self._labels, self.watch_params
         for pos, value in zip(present, values, strict=True):
-            ref = params[pos]
             if not math.isfinite(value):
                 verdict.nonfinite = True
                 verdict.nonfinite_params.append(pos)
                 continue
             sq = value * value
             sq_total += sq
-            sq_label[infos[ref.module].label] += sq
-            if detail or ref.name in self.watch_params:
-                verdict.param_norms[ref.name] = value
+            sq_label[labels[pos]] += sq
+            if detail or (watched and params[pos].name in watched):
+                verdict.param_norms[params[pos].name] = value
             if per_param:
+                ref = params[pos]
                 threshold = self.param_detector.threshold(ref.name)
                 spike, _ = self.param_detector.check(ref.name, value)
                 if spike and threshold is not None:

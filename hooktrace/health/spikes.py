@@ -52,7 +52,10 @@ class SpikeDetector:
         self._series: dict[str, RollingMedian] = {}
 
     def check(self, name: str, value: float) -> tuple[bool, float | None]:
-        """``(is_spike, ratio to median)``; records ``value`` in the history."""
+        """``(is_spike, ratio to median)``; records ``value`` in the history.
+
+        Called for every module label at every step on the worker thread: the median and the
+        window update are inlined here (same arithmetic as ``RollingMedian``)."""
         series = self._series.get(name)
         if series is None:
             if len(self._series) >= self.max_series:
@@ -60,10 +63,19 @@ class SpikeDetector:
             series = self._series[name] = RollingMedian(self.window)
         if not math.isfinite(value):
             return False, None
-        med = series.median()
-        ratio = value / med if med else None
-        spike = len(series.values) >= self.warmup and med is not None and med > 0 and value > self.factor * med
-        series.add(value)
+        ordered, values = series._sorted, series.values
+        n = len(ordered)
+        if n == 0:
+            spike, ratio = False, None
+        else:
+            mid = n // 2
+            med = ordered[mid] if n % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+            ratio = value / med if med else None
+            spike = n >= self.warmup and med > 0 and value > self.factor * med
+            if n == values.maxlen:
+                del ordered[bisect_left(ordered, values[0])]
+        values.append(value)
+        insort(ordered, value)
         return spike, ratio
 
     def threshold(self, name: str) -> float | None:

@@ -319,3 +319,27 @@ def test_norms_reach_the_host_in_one_transfer_without_any_item_call(tmp_path: Pa
     agent.close()
     assert calls == []
     assert all(record["grad_norm"] > 0 for record in read_steps(tmp_path))
+
+
+def test_spike_detector_matches_a_plain_rolling_median() -> None:
+    import random
+    import statistics
+
+    from hooktrace.health.spikes import SpikeDetector
+
+    rng = random.Random(7)
+    values = [
+        rng.uniform(0.5, 1.5) * (10.0 if i in (30, 31, 90) else 1.0) * (4.0 if i > 120 else 1.0) for i in range(200)
+    ]
+    values[50] = float("nan")  # never enters the history
+    detector, history = SpikeDetector(3.0, window=20, warmup=5), []
+    for value in values:
+        spike, ratio = detector.check("m", value)
+        if not math.isfinite(value):
+            assert (spike, ratio) == (False, None)
+            continue
+        median = statistics.median(history[-20:]) if history else None
+        assert ratio == (pytest.approx(value / median) if median else None)
+        assert spike == (len(history[-20:]) >= 5 and median is not None and value > 3.0 * median)
+        history.append(value)
+    assert detector.threshold("m") == pytest.approx(3.0 * statistics.median(history[-20:]))
