@@ -24,13 +24,15 @@ from hooktrace.export.base import Exporter
 FLUSH_INTERVAL_S = 2.0
 T = TypeVar("T")
 
-POLL_INTERVAL_S = 0.05
+POLL_INTERVAL_S = 0.2
+"""The worker wakes this often and drains in a burst: fewer wake-ups cost training less (measured:
+200 ms is cheaper than 50 ms on a 50 ms step, and the same on a 12 ms one)."""
 FILE_FLUSH_INTERVAL_S = 0.5
 """Step files are flushed at most this often (a write per poll costs the training thread)."""
 SNAPSHOT_INTERVAL_S = 0.5
+"""Metrics snapshots are rebuilt at most this often (and at every flush), not every step."""
 CHECKPOINT_INTERVAL_S = 10.0
 """summary.json is rewritten this often while the run goes on, so a killed run leaves one."""
-"""Metrics snapshots are rebuilt at most this often (and at every flush), not every step."""
 
 
 class Worker:
