@@ -208,8 +208,9 @@ class Worker:
                 self.stats.export_errors[exporter.name] += 1
 
     def wait_idle(self, timeout: float) -> bool:
-        """Wait until every submitted step is processed (tests, close)."""
+        """Wait until every submitted step is processed (tests, close): wakes the worker now."""
         deadline = time.monotonic() + timeout
+        self._wake.set()
         while self._processed < self._submitted:
             if time.monotonic() > deadline or not self._thread.is_alive():
                 return False
