@@ -181,3 +181,37 @@ def train(
         for opt in optimizers:
             opt.step()
     return losses, handle
+
+
+class NaNAt(nn.Module):
+    """Produces NaN in forward from a batch with a huge value (``where="forward"``: data-dependent,
+    like a log of a negative, so a replay of that batch reproduces it), or only in backward at a
+    given call (``where="backward"``)."""
+
+    class _BackwardNaN(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+            return grad * float("nan")
+
+    def __init__(self, at: int, where: str) -> None:
+        super().__init__()
+        self.at, self.where, self.calls = at, where, 0
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        y = self.lin(x)
+        if self.where == "forward" and bool(x.abs().amax() > 1e3):
+            y = y * float("nan")
+        elif self.where == "backward" and self.calls == self.at:
+            y = NaNAt._BackwardNaN.apply(y)
+        return y
+
+
+def nan_batch(step: int, nan_at: int) -> torch.Tensor:
+    """A batch; the one of step ``nan_at`` holds a huge value (NaNAt's forward trigger)."""
+    return torch.randn(4, 8) * (1e6 if step == nan_at else 1.0)

@@ -48,3 +48,33 @@ def test_the_agent_never_syncs_the_training_thread_and_keeps_losses(tmp_path: Pa
     assert all(step["grad_norm"] is not None for step in read_steps(tmp_path))
     forward = next(m for m in summary.modules if m["module"] == "slow" and m["phase"] == "forward")
     assert forward["per_step_s"] > 0
+
+
+def _nan_run(tmp_path: Path, steps: int, **options: object) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(8, 8), zoo.NaNAt(at=steps, where="forward"), torch.nn.Linear(8, 1)
+    ).cuda()
+    agent = hooktrace.attach(model, out=str(tmp_path), metrics_port=0, **options)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    try:
+        for step in range(1, steps + 1):
+            opt.zero_grad()
+            model(zoo.nan_batch(step, steps).cuda()).mean().backward()
+            opt.step()
+    finally:
+        agent.close()
+
+
+def test_a_forward_nan_is_named_on_a_sampled_step_without_a_sync(tmp_path: Path) -> None:
+    """warn mode on CUDA: no replay (it would need the verdict on the host); the output sums of a
+    sampled step name the module."""
+    _nan_run(tmp_path, 3, sample_every=2)  # steps 1 and 3 are sampled
+    event = next(e for e in read_steps(tmp_path)[-1]["events"] if e["kind"] == "nonfinite")
+    assert (event["first_module"], event["phase"]) == ("1", "forward")
+
+
+def test_raise_mode_replays_a_forward_nan_on_an_unsampled_step(tmp_path: Path) -> None:
+    with pytest.raises(hooktrace.NonFiniteGradientError) as info:
+        _nan_run(tmp_path, 4, sample_every=10, on_nonfinite="raise")
+    assert (info.value.step, info.value.module, info.value.phase) == (4, "1", "forward")

@@ -163,40 +163,6 @@ def test_raise_stops_training_at_the_spike_step_naming_modules(tmp_path: Path) -
     assert "gradient explosion at step 30" in str(info.value)
 
 
-class NaNAt(nn.Module):
-    """Produces NaN in forward from a batch with a huge value (``where="forward"``: data-dependent,
-    like a log of a negative, so a replay of that batch reproduces it), or only in backward at a
-    given call (``where="backward"``)."""
-
-    class _BackwardNaN(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-            return x.clone()
-
-        @staticmethod
-        def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-            return grad * float("nan")
-
-    def __init__(self, at: int, where: str) -> None:
-        super().__init__()
-        self.at, self.where, self.calls = at, where, 0
-        self.lin = nn.Linear(8, 8)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        y = self.lin(x)
-        if self.where == "forward" and bool(x.abs().amax() > 1e3):
-            y = y * float("nan")
-        elif self.where == "backward" and self.calls == self.at:
-            y = NaNAt._BackwardNaN.apply(y)
-        return y
-
-
-def _batch(step: int, nan_at: int) -> torch.Tensor:
-    """A batch; the one of step ``nan_at`` holds a huge value (NaNAt's forward trigger)."""
-    return torch.randn(4, 8) * (1e6 if step == nan_at else 1.0)
-
-
 @pytest.mark.parametrize(
     ("where", "at", "sample_every", "replay", "named"),
     [
@@ -211,13 +177,13 @@ def test_the_first_non_finite_module_is_named_in_the_right_phase(
     where: str, at: int, sample_every: int, replay: bool, named: set[str], tmp_path: Path
 ) -> None:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), NaNAt(at=at, where=where), nn.Tanh(), nn.Linear(8, 1))
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), zoo.NaNAt(at=at, where=where), nn.Tanh(), nn.Linear(8, 1))
     agent = hooktrace.attach(model, out=str(tmp_path), metrics_port=0, sample_every=sample_every)
     agent.recorder.keep_inputs = replay  # what attach chose on CPU, or what it chooses on CUDA in warn mode
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     for step in range(1, at + 1):
         opt.zero_grad()
-        model(_batch(step, at)).mean().backward()
+        model(zoo.nan_batch(step, at)).mean().backward()
         opt.step()
     summary = agent.close()
     records = read_steps(tmp_path)
@@ -229,14 +195,14 @@ def test_the_first_non_finite_module_is_named_in_the_right_phase(
 
 @pytest.mark.parametrize(("where", "named"), [("backward", {"1", "1.lin"}), ("forward", {"1"})])
 def test_on_nonfinite_raise_stops_at_that_step(where: str, named: set[str], tmp_path: Path) -> None:
-    model = nn.Sequential(nn.Linear(8, 8), NaNAt(at=2, where=where), nn.Linear(8, 1))
+    model = nn.Sequential(nn.Linear(8, 8), zoo.NaNAt(at=2, where=where), nn.Linear(8, 1))
     agent = hooktrace.attach(model, out=str(tmp_path), metrics_port=0, on_nonfinite="raise")
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(hooktrace.NonFiniteGradientError) as info:
         for step in range(1, 4):
             opt.zero_grad()
-            model(_batch(step, 2)).mean().backward()
+            model(zoo.nan_batch(step, 2)).mean().backward()
             if step == 2:
                 before = [p.detach().clone() for p in model.parameters()]
             opt.step()
@@ -264,12 +230,14 @@ def test_buffer_norms_are_reported_on_sampled_steps(tmp_path: Path) -> None:
 def test_the_forward_replay_leaves_rng_buffers_and_parameters_as_without_the_agent(tmp_path: Path) -> None:
     def run(with_agent: bool) -> tuple[nn.Module, torch.Tensor]:
         torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.5), NaNAt(3, "forward"), nn.BatchNorm1d(8), nn.Linear(8, 1))
+        model = nn.Sequential(
+            nn.Linear(8, 8), nn.Dropout(0.5), zoo.NaNAt(3, "forward"), nn.BatchNorm1d(8), nn.Linear(8, 1)
+        )
         agent = hooktrace.attach(model, out=str(tmp_path), metrics_port=0) if with_agent else None
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
         for step in range(1, 4):
             opt.zero_grad()
-            model(_batch(step, 3)).mean().backward()
+            model(zoo.nan_batch(step, 3)).mean().backward()
             opt.step()
         state = torch.get_rng_state()
         if agent is not None:
