@@ -85,9 +85,9 @@ class StepBuffer:
     """CUDA: events recorded as each DDP bucket's all-reduce completed (become ``M_AR_END``)."""
     buffer_norms: Any = None
     """Sampled steps: (stacked norms of floating-point buffers, their names)."""
-    forward_inputs: list[tuple[int, tuple[Any, ...], dict[str, Any] | None]] = field(default_factory=list)
-    """(root index, args, kwargs) of the step's training forwards, kept (by reference) until the
-    optimizer step when a forward NaN can be replayed there (health/replay.py)."""
+    forward_inputs: list[tuple[int, tuple[Any, ...], dict[str, Any] | None, Any]] = field(default_factory=list)
+    """(root index, args, kwargs, autocast dtype or None) of the step's training forwards, kept (by
+    reference) until the optimizer step when a forward NaN can be replayed there (health/replay.py)."""
     nonfinite_input: int | None = None
     """Root whose input (the batch) already held a NaN/Inf, found by a forward replay."""
     grad_present: list[int] = field(default_factory=list)

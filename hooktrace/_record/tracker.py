@@ -46,6 +46,7 @@ _now = time.perf_counter_ns
 _grad_enabled = torch.is_grad_enabled
 _graph_task_id = torch._C._current_graph_task_id
 _queue_callback = torch.autograd.Variable._execution_engine.queue_callback
+_autocast = torch.is_autocast_enabled
 
 
 class StepTracker:
@@ -207,7 +208,11 @@ class StepTracker:
                         self._start_forward(now)
                         inputs = rec.buf.forward_inputs
                         if rec.keep_inputs and len(inputs) < MAX_REPLAY_CALLS:
-                            inputs.append((index, args, kwargs))  # references: see health/replay.py
+                            # references (see health/replay.py), and the autocast dtype the call ran
+                            # under, so a replay reproduces a reduced-precision overflow
+                            device = rec.clock.kind
+                            amp = torch.get_autocast_dtype(device) if _autocast(device) else None
+                            inputs.append((index, args, kwargs, amp))
                     self._depth += 1
             except Exception as exc:
                 rec.hook_error(exc)

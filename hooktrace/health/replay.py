@@ -65,18 +65,18 @@ class ForwardReplay:
         """Replay the step's root calls until one yields a non-finite module output; put the
         output sums of that call in ``buf.output_norms``. True when a source was found."""
         calls, buf.forward_inputs = buf.forward_inputs, []
-        for root_index, args, kwargs in calls:
+        for root_index, args, kwargs, amp in calls:
             if _nonfinite_input(args, kwargs):
                 buf.nonfinite_input = root_index  # the batch itself: no module made it
                 return True
-            sums = self._replay_call(root_index, args, kwargs)
+            sums = self._replay_call(root_index, args, kwargs, amp)
             if sums is not None and any(not math.isfinite(float(value)) for _, value in sums):
                 buf.output_norms = sums
                 return True
         return False
 
     def _replay_call(
-        self, root_index: int, args: tuple[Any, ...], kwargs: dict[str, Any] | None
+        self, root_index: int, args: tuple[Any, ...], kwargs: dict[str, Any] | None, amp: torch.dtype | None
     ) -> list[tuple[int, torch.Tensor]] | None:
         if kwargs is None:
             return None
@@ -89,8 +89,13 @@ class ForwardReplay:
         handles = [module.register_forward_hook(_summing_hook(index, sums)) for index, module in indexed]
         buffers = [(b, b.detach().clone()) for b in target.buffers()]
         devices = sorted({p.device.index or 0 for p in target.parameters() if p.is_cuda})
+        device_type = "cuda" if devices else "cpu"
         try:
-            with torch.random.fork_rng(devices=devices), torch.no_grad():
+            with (
+                torch.random.fork_rng(devices=devices),
+                torch.no_grad(),
+                torch.autocast(device_type, dtype=amp, enabled=amp is not None),
+            ):
                 target(*args, **kwargs)
         except Exception:
             return sums or None  # what ran before the error still tells

@@ -311,3 +311,25 @@ def test_spike_detector_matches_a_plain_rolling_median() -> None:
         assert spike == (len(history[-20:]) >= 5 and median is not None and value > 3.0 * median)
         history.append(value)
     assert detector.threshold("m") == pytest.approx(3.0 * statistics.median(history[-20:]))
+
+
+def test_the_replay_runs_under_the_autocast_of_the_step_so_a_half_precision_overflow_is_found(
+    tmp_path: Path,
+) -> None:
+    class Square(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * x  # overflows float16 (max 65504) where float32 does not
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), Square(), nn.Linear(8, 1))
+    agent = hooktrace.attach(model, out=str(tmp_path), metrics_port=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    for step in range(1, 4):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = model(torch.randn(4, 8) * (1e4 if step == 3 else 1.0)).float().mean()
+        loss.backward()
+        opt.step()
+    agent.close()
+    event = next(e for e in read_steps(tmp_path)[-1]["events"] if e["kind"] == "nonfinite")
+    assert (event["first_module"], event["phase"]) == ("1", "forward")
