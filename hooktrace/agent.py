@@ -39,7 +39,7 @@ from hooktrace.export.base import Exporter
 from hooktrace.health.guard import SyncGuard
 from hooktrace.health.monitor import GradHealth
 from hooktrace.health.norms import GradNormCapture, capture_buffer_norms
-from hooktrace.health.replay import ForwardReplay, host_norms, needs_replay
+from hooktrace.health.replay import ForwardReplay, can_replay, host_norms, needs_replay
 from hooktrace.summary import RunSummary
 from hooktrace.summary_builder import build_summary, slowest_rank, write_summary
 
@@ -214,6 +214,7 @@ class Agent:
         if self.discovery is not None:
             self.discovery.disable()
         self.tracker.stop()
+        self.recorder.buf.forward_inputs = []  # no reference to the user's batches outlives attach
         if self._allreduce_timer is not None:
             self._allreduce_timer.enabled = False
         self._candidates.clear()
@@ -328,8 +329,6 @@ class Agent:
         if not self.recorder.table.roots:
             clock = clock_for(root)
             self.recorder.set_device_clock(clock)
-            # a forward NaN can be replayed where the verdict is on the host at the optimizer step
-            self.recorder.keep_inputs = clock.kind == "cpu" or self.guard is not None
             device = next(root.parameters()).device.type
             self.info = RankInfo(**{**{k: getattr(self.info, k) for k in self.info.__slots__}, "device": device})
             self.stats.info = self.info
@@ -337,6 +336,11 @@ class Agent:
         self.recorder.index_root(root, label, descend=not compiled)
         index = self.recorder.table.index_of(root)
         assert index is not None
+        # a forward NaN can be replayed where the verdict is on the host at the optimizer step
+        host_verdict = self.recorder.clock.kind == "cpu" or self.guard is not None
+        if host_verdict and can_replay(root, self.info.world_size):
+            self.recorder.replay_roots.add(index)
+        self.recorder.replay_all = all(i in self.recorder.replay_roots for i in self.recorder.table.roots)
         self.tracker.add_root(index, root)
         if is_ddp(root):
             self.tracker.before_forward.append(lambda: self._time_allreduce(root))

@@ -92,7 +92,7 @@ class Worker:
     def _run(self) -> None:
         last_flush = last_checkpoint = last_file_flush = time.monotonic()
         while True:
-            woken = self._wake.wait(self.poll_s)
+            self._wake.wait(self.poll_s)
             self._wake.clear()
             while self._tasks:
                 try:
@@ -119,7 +119,7 @@ class Worker:
                 if urgent:
                     self._urgent.clear()
                     self._urgent_done.set()
-            if woken and self._stop.is_set():
+            if self._stop.is_set() and not self._queue:
                 return
 
     def _checkpoint(self) -> None:

@@ -88,6 +88,8 @@ class StepBuffer:
     forward_inputs: list[tuple[int, tuple[Any, ...], dict[str, Any] | None, Any]] = field(default_factory=list)
     """(root index, args, kwargs, autocast dtype or None) of the step's training forwards, kept (by
     reference) until the optimizer step when a forward NaN can be replayed there (health/replay.py)."""
+    forward_source: int | None = None
+    """Module where a forward replay saw the first NaN/Inf made (health/replay.py)."""
     nonfinite_input: int | None = None
     """Root whose input (the batch) already held a NaN/Inf, found by a forward replay."""
     grad_present: list[int] = field(default_factory=list)

@@ -40,6 +40,9 @@ def gradient_norm(grad: torch.Tensor) -> torch.Tensor:
     return _vector_norm(grad.detach(), dtype=_float32)
 
 
+WALK_EVERY = 10
+"""Sampled steps between two walks of the roots when no module registration was seen."""
+
 MAX_HOOK_ERRORS = 100
 """After this many hook errors the agent detaches itself and warns once."""
 
@@ -73,9 +76,11 @@ class Recorder:
         One reduction per module output and gradient: too costly for every sampled step on CPU."""
         self.check_outputs = False
         """Sampled steps: keep a sum of each module output, to name where a NaN/Inf started."""
-        self.keep_inputs = False
-        """Keep each step's root calls so a bad step can replay its forward (health/replay.py);
-        then sampled steps need no output sums."""
+        self.replay_roots: set[int] = set()
+        """Roots whose calls each step keeps (by reference) so a bad step can replay its forward
+        (health/replay.py)."""
+        self.replay_all = False
+        """Every root can replay: sampled steps need no output sums then."""
         self.hunt = 0
         """Steps left in which every step is sampled deeply, after a non-finite gradient was seen."""
         self._on_fatal = on_fatal
@@ -87,6 +92,7 @@ class Recorder:
         self._pinned: set[int] = set()
         self._root_labels: dict[int, tuple[str, bool]] = {}
         self._modules_changed = False
+        self._refreshes = 0
         self._registration_hook: RemovableHandle | None = None
 
     # -- hot path -------------------------------------------------------------------------------
@@ -170,10 +176,12 @@ class Recorder:
 
     # -- set-up (training thread, outside hooks) ------------------------------------------------
     def refresh_roots(self) -> None:
-        """Index submodules added to the roots since they were indexed: walks the roots only
-        when some module was registered somewhere since the last walk (a global registration
-        hook sets a flag), so a sampled step of an unchanged model does not walk it."""
-        if not self._modules_changed:
+        """Index submodules added to the roots since they were indexed: walks the roots when
+        some module was registered somewhere since the last walk (a global registration hook
+        sets a flag), and every ``WALK_EVERY`` calls for additions that bypass registration
+        (``ModuleList.insert``), so most sampled steps of an unchanged model do not walk it."""
+        self._refreshes += 1
+        if not self._modules_changed and self._refreshes % WALK_EVERY:
             return
         self._modules_changed = False
         for index, (label, descend) in list(self._root_labels.items()):

@@ -46,7 +46,22 @@ _now = time.perf_counter_ns
 _grad_enabled = torch.is_grad_enabled
 _graph_task_id = torch._C._current_graph_task_id
 _queue_callback = torch.autograd.Variable._execution_engine.queue_callback
-_autocast = torch.is_autocast_enabled
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype in force for ``device_type``, None when autocast is off."""
+    if _autocast_by_device:
+        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    if device_type == "cpu":  # PyTorch < 2.4
+        return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+    return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+
+
+try:
+    torch.is_autocast_enabled("cpu")
+    _autocast_by_device = hasattr(torch, "get_autocast_dtype")
+except TypeError:
+    _autocast_by_device = False
 
 
 class StepTracker:
@@ -181,7 +196,8 @@ class StepTracker:
         start = _now()
         sampled_index = (buf.number - 1) // self.sample_every
         self.rec.flow = sampled_index % FLOW_EVERY == 0 or self.rec.hunt > 0
-        self.rec.check_outputs = not self.rec.keep_inputs  # else a bad step replays its forward
+        # module output sums, unless a bad step can replay its forward instead
+        self.rec.check_outputs = not self.rec.replay_all or self.rec.hunt > 0
         if self.rec.hunt > 0:
             self.rec.hunt -= 1
         self.rec.refresh_roots()  # modules added since the last sampled step
@@ -204,16 +220,15 @@ class StepTracker:
                         rec.buf.marks.append((M_EVAL, now))
                     self._eval_depth += 1
                 elif _graph_task_id() == -1:
-                    if self._depth == 0:
+                    depth = self._depth
+                    self._depth += 1
+                    if depth == 0:
                         self._start_forward(now)
                         inputs = rec.buf.forward_inputs
-                        if rec.keep_inputs and len(inputs) < MAX_REPLAY_CALLS:
+                        if index in rec.replay_roots and len(inputs) < MAX_REPLAY_CALLS:
                             # references (see health/replay.py), and the autocast dtype the call ran
                             # under, so a replay reproduces a reduced-precision overflow
-                            device = rec.clock.kind
-                            amp = torch.get_autocast_dtype(device) if _autocast(device) else None
-                            inputs.append((index, args, kwargs, amp))
-                    self._depth += 1
+                            inputs.append((index, args, kwargs, autocast_dtype(rec.clock.kind)))
             except Exception as exc:
                 rec.hook_error(exc)
             if rec.buf.sampled:
@@ -322,6 +337,13 @@ class StepTracker:
 
     # -- optimizer --------------------------------------------------------------------------------------------
     def is_ours(self, optimizer: torch.optim.Optimizer) -> bool:
+        try:
+            return self._is_ours(optimizer)
+        except Exception as exc:  # an unhashable optimizer subclass, odd param_groups: count it
+            self.rec.hook_error(exc)
+            return True
+
+    def _is_ours(self, optimizer: torch.optim.Optimizer) -> bool:
         """Whether ``optimizer`` updates an instrumented parameter. The optimizer hooks are global:
         an optimizer of a model this agent does not watch must not end its steps. Checked once per
         optimizer, again when it gained parameter groups or the agent gained modules."""
@@ -331,6 +353,10 @@ class StepTracker:
             return known[0]
         mine = self.rec.table.param_ids
         ours = any(id(p) in mine for group in optimizer.param_groups for p in group["params"])
+        if not ours and not self.optimizer_seen and self._grad_probe is not None and self._grad_probe.grad is not None:
+            # no optimizer of the watched parameters yet, and they hold gradients: this one updates
+            # copies of them (fp32 master weights, parameters swapped after attach), so it is ours
+            ours = True
         self._optimizers[optimizer] = (ours, groups, size)
         return ours
 

@@ -8,6 +8,7 @@ DDP's all-reduce every rank holds the same gradients, so every rank clips the sa
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -45,7 +46,8 @@ class SyncGuard:
         )
         buf.health = verdict
         if verdict.nonfinite and self.locate is not None:
-            self.locate(buf, values)
+            with contextlib.suppress(Exception):  # naming the source is a bonus; raising is the promise
+                self.locate(buf, values)
         if verdict.nonfinite and self.config.on_nonfinite == "raise":
             module, _, phase = nonfinite_source(buf, verdict, params, self.capture.table)
             raise NonFiniteGradientError(buf.number, module, phase)

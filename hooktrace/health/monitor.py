@@ -141,6 +141,9 @@ def nonfinite_source(buf: Any, verdict: Verdict, params: list[ParamRef], table: 
     if buf.nonfinite_input is not None:
         root = infos[buf.nonfinite_input]
         return root.display, root.label, "input"
+    if buf.forward_source is not None:
+        source = infos[buf.forward_source]
+        return source.display, source.label, "forward"
     where = locate_nonfinite(
         resolve_pairs(buf.output_norms),
         resolve_pairs(buf.input_grad_norms),

@@ -70,7 +70,7 @@ class GradNormCapture:
             return None, present, None
         with torch.no_grad() if grads[0].requires_grad else _NO_CONTEXT:  # create_graph=True only
             norms = list(torch._foreach_norm(grads, 2, dtype=torch.float32))
-            if not norms[0].is_cuda and not self._multi_device:
+            if norms[0].device.type == "cpu" and not self._multi_device:
                 # CPU: host floats now, in one transfer (no per-parameter .item()), so a
                 # non-finite step is known before the optimizer steps and the worker needs no
                 # tensor op.

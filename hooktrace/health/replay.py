@@ -4,22 +4,21 @@ Module outputs are watched on sampled steps only (a reduction per output is too 
 step). When a step's gradients went non-finite and the parameter gradients cannot tell where (all
 of them went bad: the mark of a NaN made in forward, which every later module carries), the
 step's recorded root calls are run once more, before the optimizer touches the parameters, under
-``no_grad`` with a forward hook summing each module's first floating output. The first module to
-complete with a non-finite sum is where the NaN started. The RNG state and every buffer (e.g.
-BatchNorm running statistics) are restored afterwards, so the training's numbers do not change.
+``no_grad`` (and the autocast dtype they ran under) with a forward hook on every module noting
+which of its inputs and outputs hold NaN/Inf; the first module to make one is named (see
+``first_source``). The RNG state and every buffer (e.g. BatchNorm running statistics) are
+restored afterwards, so the training's numbers do not change.
 
-This costs one forward, only on such a step, and needs the verdict on the host at the optimizer
-pre-hook: CPU training (the norms are host tensors), or a ``clip``/``raise`` mode, which reads
-them there anyway. Elsewhere (CUDA, ``warn``) sampled steps keep their output sums and a bad
-step makes the next ones sampled. Not replayed: models with collectives inside forward (FSDP,
-SyncBatchNorm), where one rank replaying alone could hang the job; root calls whose keyword
-arguments were not seen (the call on which a root was discovered).
+This costs one forward per recorded call until one shows the source (one, without gradient
+accumulation), only on such a step, and needs the verdict on the host at the optimizer pre-hook:
+CPU training (the norms are host floats), or a ``clip``/``raise`` mode, which reads them there
+anyway. Elsewhere (CUDA, ``warn``), and for roots that cannot replay (``can_replay``), sampled
+steps keep a sum of each module output and a bad step makes the next ones sampled.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -34,9 +33,19 @@ from hooktrace.health.norms import ParamRef
 _COLLECTIVE_TYPES = ("SyncBatchNorm", "FullyShardedDataParallel", "FSDPModule")
 
 
-def replayable(modules: Sequence[nn.Module]) -> bool:
-    """False when a forward runs collectives, which one rank must not run on its own."""
-    return not any(cls.__name__ in _COLLECTIVE_TYPES for m in modules for cls in type(m).__mro__)
+def can_replay(root: nn.Module, world_size: int) -> bool:
+    """Whether a bad step of ``root`` may run its forward again on this rank alone.
+
+    No for a compiled root (a replay under ``no_grad`` could recompile it), for modules known to
+    run collectives in forward (SyncBatchNorm, FSDP), and in a multi-rank job for anything but a
+    plain DDP root (its inner module runs no collective): ranks deciding on their own must never
+    issue different collectives, which would hang the job.
+    """
+    if hasattr(root, "_orig_mod"):
+        return False
+    if world_size > 1 and not isinstance(root, nn.parallel.DistributedDataParallel):
+        return False
+    return not any(cls.__name__ in _COLLECTIVE_TYPES for m in root.modules() for cls in type(m).__mro__)
 
 
 def host_norms(buf: StepBuffer) -> list[float] | None:
@@ -55,38 +64,49 @@ def needs_replay(values: list[float], params: list[ParamRef], present: list[int]
 
 
 class ForwardReplay:
-    """Keeps each step's root calls (references, no copies) and replays them on a bad step."""
+    """Replays a bad step's recorded root calls (kept by reference by the step tracker)."""
 
     def __init__(self, table: ModuleTable, modules: list[nn.Module]) -> None:
         self.table = table
         self.modules = modules
 
     def run(self, buf: StepBuffer) -> bool:
-        """Replay the step's root calls until one yields a non-finite module output; put the
-        output sums of that call in ``buf.output_norms``. True when a source was found."""
+        """Replay the step's root calls until one shows where a NaN/Inf was made; set
+        ``buf.forward_source`` (or ``buf.nonfinite_input``). True when found. Never raises: a
+        replay that fails finds nothing."""
         calls, buf.forward_inputs = buf.forward_inputs, []
-        for root_index, args, kwargs, amp in calls:
-            if _nonfinite_input(args, kwargs):
-                buf.nonfinite_input = root_index  # the batch itself: no module made it
-                return True
-            sums = self._replay_call(root_index, args, kwargs, amp)
-            if sums is not None and any(not math.isfinite(float(value)) for _, value in sums):
-                buf.output_norms = sums
-                return True
+        try:
+            for root_index, args, kwargs, amp in calls:
+                if _nan_input(args, kwargs):
+                    buf.nonfinite_input = root_index  # the batch itself: no module made it
+                    return True
+                seen = self._replay_call(root_index, args, kwargs, amp)
+                source = first_source(seen) if seen else None
+                if source is not None:
+                    buf.forward_source = source
+                    return True
+        except Exception:
+            return False
         return False
 
     def _replay_call(
         self, root_index: int, args: tuple[Any, ...], kwargs: dict[str, Any] | None, amp: torch.dtype | None
     ) -> list[tuple[int, torch.Tensor]] | None:
+        """``[(module index, flags), ...]`` in completion order (see ``_watching_hook``)."""
         if kwargs is None:
-            return None
+            return None  # the call on which the root was discovered: its kwargs were not seen
         root = self.modules[root_index]
-        target = root.module if isinstance(root, nn.parallel.DistributedDataParallel) else root
+        target = root
+        if isinstance(root, nn.parallel.DistributedDataParallel):
+            target = root.module
+            if root.device_ids:  # DDP moves the inputs to its device before the inner forward
+                device = torch.device(root.device_type, root.device_ids[0])
+                args, kwargs = _to_device(args, device), _to_device(kwargs, device)
         indexed = [(info.index, self.modules[info.index]) for info in self.table.infos if info.root == root_index]
-        if not replayable([m for _, m in indexed]) or hasattr(target, "_orig_mod"):
-            return None  # collectives inside, or a compiled model (a replay could recompile it)
-        sums: list[tuple[int, torch.Tensor]] = []
-        handles = [module.register_forward_hook(_summing_hook(index, sums)) for index, module in indexed]
+        seen: list[tuple[int, torch.Tensor]] = []
+        handles = [
+            module.register_forward_hook(_watching_hook(index, seen), with_kwargs=True) for index, module in indexed
+        ]
         buffers = [(b, b.detach().clone()) for b in target.buffers()]
         devices = sorted({p.device.index or 0 for p in target.parameters() if p.is_cuda})
         device_type = "cuda" if devices else "cpu"
@@ -98,27 +118,71 @@ class ForwardReplay:
             ):
                 target(*args, **kwargs)
         except Exception:
-            return sums or None  # what ran before the error still tells
+            return seen or None  # what ran before the error still tells
         finally:
             for handle in handles:
                 handle.remove()
             with torch.no_grad():
                 for live, saved in buffers:
                     live.copy_(saved)
-        return sums
+        return seen
 
 
-def _nonfinite_input(args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> bool:
-    values = list(args) + list((kwargs or {}).values())
-    with torch.no_grad():
-        return any(not bool(torch.isfinite(t).all()) for v in values for t in iter_tensors(v) if t.is_floating_point())
+def first_source(seen: list[tuple[int, torch.Tensor]]) -> int | None:
+    """The module that made the first NaN/Inf, from the replay's ``(index, flags)`` in completion
+    order (children before their containers, so the innermost comes first). A module *made* one
+    when its output holds a NaN its inputs did not, or an Inf while its inputs were all finite; a
+    container qualifies when no module inside it did (its own code made it). An output whose only
+    non-finite values are ``-inf`` is considered last: that is what masks are made of (and what a
+    ``log(0)`` gives). None when no module made one."""
+    rows: list[list[float]] = torch.stack([flags.to(seen[0][1].device) for _, flags in seen]).tolist()
+    for allow_minus_inf in (False, True):
+        for (index, _), (in_nan, in_bad, out_nan, out_pinf, out_ninf) in zip(seen, rows, strict=True):
+            made_nan = out_nan and not in_nan
+            made_inf = (out_pinf or (out_ninf and allow_minus_inf)) and not in_bad
+            if made_nan or made_inf:
+                return index
+    return None
 
 
-def _summing_hook(index: int, sums: list[tuple[int, torch.Tensor]]) -> Any:
-    def hook(module: nn.Module, args: Any, output: Any) -> None:
+def _to_device(value: Any, device: torch.device) -> Any:
+    """Tensors in (nested) tuples, lists and dicts moved to ``device``, as DDP does to inputs."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_device(item, device) for item in value)
+    if isinstance(value, dict):
+        return {key: _to_device(item, device) for key, item in value.items()}
+    return value
+
+
+def _floating(values: list[Any]) -> list[torch.Tensor]:
+    return [t.detach() for v in values for t in iter_tensors(v) if t.is_floating_point() and t.layout == torch.strided]
+
+
+def _nan_input(args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> bool:
+    """Whether a floating-point input already holds a NaN (one transfer). Infinities do not
+    count: additive attention masks carry ``-inf`` on purpose."""
+    tensors = _floating([*args, *(kwargs or {}).values()])
+    if not tensors:
+        return False
+    return bool(torch.stack([torch.isnan(t).any().to(tensors[0].device) for t in tensors]).any())
+
+
+def _watching_hook(index: int, seen: list[tuple[int, torch.Tensor]]) -> Any:
+    """Forward hook of the replay: [inputs hold a NaN, inputs hold a NaN/Inf, output holds a NaN,
+    +inf, -inf] for the first floating output, as one device tensor (read once, at the end)."""
+
+    def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
         first = next(iter_tensors(output), None)
-        if first is not None and first.is_floating_point():
-            sums.append((index, first.detach().sum(dtype=torch.float32)))
+        if first is None or not first.is_floating_point() or first.layout != torch.strided:
+            return None
+        first = first.detach()
+        flags = [torch.zeros(2, device=first.device)]
+        for t in _floating([*args, *kwargs.values()]):
+            flags.append(torch.stack([torch.isnan(t).any(), (~torch.isfinite(t)).any()]).float().to(first.device))
+        out = torch.stack([torch.isnan(first).any(), torch.isposinf(first).any(), torch.isneginf(first).any()])
+        seen.append((index, torch.cat([torch.stack(flags).amax(dim=0), out.float()])))
         return None
 
     return hook

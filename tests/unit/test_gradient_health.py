@@ -179,7 +179,9 @@ def test_the_first_non_finite_module_is_named_in_the_right_phase(
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), zoo.NaNAt(at=at, where=where), nn.Tanh(), nn.Linear(8, 1))
     agent = hooktrace.attach(model, out=str(tmp_path), metrics_port=0, sample_every=sample_every)
-    agent.recorder.keep_inputs = replay  # what attach chose on CPU, or what it chooses on CUDA in warn mode
+    if not replay:  # what attach chooses on CUDA in warn mode (attach chose replay on this CPU)
+        agent.recorder.replay_roots.clear()
+        agent.recorder.replay_all = False
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     for step in range(1, at + 1):
         opt.zero_grad()
@@ -333,3 +335,94 @@ def test_the_replay_runs_under_the_autocast_of_the_step_so_a_half_precision_over
     agent.close()
     event = next(e for e in read_steps(tmp_path)[-1]["events"] if e["kind"] == "nonfinite")
     assert (event["first_module"], event["phase"]) == ("1", "forward")
+
+
+class _Masked(nn.Module):
+    """Takes an additive ``-inf`` mask (as attention does) and makes one of its own; the NaN comes
+    from ``bad`` (zoo.NaNAt) on the step whose batch holds a huge value."""
+
+    class MaskMaker(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            mask = torch.zeros_like(x)
+            mask[:, 0] = float("-inf")
+            return mask
+
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        self.lin, self.masker, self.bad, self.out = (
+            nn.Linear(8, 8),
+            self.MaskMaker(),
+            zoo.NaNAt(at, "forward"),
+            nn.Linear(8, 1),
+        )
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x) * torch.softmax(mask + self.masker(x), dim=-1)  # finite: -inf only where masked
+        return self.out(self.bad(h))
+
+
+def test_masks_with_minus_inf_are_neither_the_input_nor_the_source_of_a_nan(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = _Masked(at=3)
+    agent = hooktrace.attach(model, out=str(tmp_path), metrics_port=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    mask = torch.zeros(4, 8)
+    mask[:, -1] = float("-inf")
+    for step in range(1, 4):
+        opt.zero_grad()
+        model(zoo.nan_batch(step, 3), mask=mask).mean().backward()
+        opt.step()
+    agent.close()
+    event = next(e for e in read_steps(tmp_path)[-1]["events"] if e["kind"] == "nonfinite")
+    assert (event["first_module"], event["phase"]) == ("bad", "forward")
+
+
+def test_a_model_that_cannot_replay_keeps_output_sums_on_sampled_steps(tmp_path: Path) -> None:
+    class WithSyncBN(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(8, 8), zoo.NaNAt(3, "forward"), nn.Linear(8, 1))
+            self.norm = nn.SyncBatchNorm(8)  # its collectives forbid a replay on one rank alone
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.body(x)  # (not called here: SyncBatchNorm needs a process group)
+
+    model = WithSyncBN()
+    agent = hooktrace.attach(model, out=str(tmp_path), metrics_port=0, sample_every=1)
+    assert not agent.recorder.replay_roots
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for step in range(1, 4):
+        opt.zero_grad()
+        model(zoo.nan_batch(step, 3)).mean().backward()
+        opt.step()
+    agent.close()
+    event = next(e for e in read_steps(tmp_path)[-1]["events"] if e["kind"] == "nonfinite")
+    assert (event["first_module"], event["phase"]) == ("body.1", "forward")
+
+
+def test_raise_still_raises_when_the_replay_cannot_run(tmp_path: Path) -> None:
+    class WithSparse(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(8, 8), zoo.NaNAt(2, "forward"), nn.Linear(8, 1))
+
+        def forward(self, x: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+            return self.body(x)
+
+    model = WithSparse()
+    agent = hooktrace.attach(model, out=str(tmp_path), metrics_port=0, on_nonfinite="raise")
+
+    def broken(buf: Any) -> bool:
+        raise RuntimeError("replay failed")
+
+    agent.replay.run = broken  # type: ignore[method-assign]
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    sparse = torch.eye(8).to_sparse()
+    with pytest.raises(hooktrace.NonFiniteGradientError) as info:
+        for step in range(1, 3):
+            opt.zero_grad()
+            model(zoo.nan_batch(step, 2), extra=sparse).mean().backward()
+            opt.step()
+    assert info.value.step == 2
+    assert not any(torch.isnan(p).any() for p in model.parameters())  # the NaN step was not taken
+    agent.close()
