@@ -229,28 +229,45 @@ def test_buffer_norms_are_reported_on_sampled_steps(tmp_path: Path) -> None:
     assert "buffer_norms" not in records[1]
 
 
-def test_the_forward_replay_leaves_rng_buffers_and_parameters_as_without_the_agent(tmp_path: Path) -> None:
-    def run(with_agent: bool) -> tuple[nn.Module, torch.Tensor]:
+class _NormThenNaN(nn.Module):
+    """BatchNorm and Dropout, then a module that makes a NaN when the batch (via a skip
+    connection) holds a huge value."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.bn, self.drop = nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Dropout(0.5)
+        self.bad, self.out = zoo.NaNAt(3, "forward"), nn.Linear(8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.bad(self.drop(self.bn(self.lin(x))) + x))
+
+
+def test_the_forward_replay_leaves_rng_and_buffers_as_without_the_agent(tmp_path: Path) -> None:
+    """BatchNorm and Dropout run before the NaN is made, so their state stays finite: a replay
+    that did not restore the running statistics or the RNG would show here."""
+    seen: dict[str, Any] = {}
+
+    def run(with_agent: bool) -> _NormThenNaN:
         torch.manual_seed(0)
-        model = nn.Sequential(
-            nn.Linear(8, 8), nn.Dropout(0.5), zoo.NaNAt(3, "forward"), nn.BatchNorm1d(8), nn.Linear(8, 1)
-        )
+        model = _NormThenNaN()
         agent = hooktrace.attach(model, out=str(tmp_path), metrics_port=0) if with_agent else None
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
         for step in range(1, 4):
             opt.zero_grad()
             model(zoo.nan_batch(step, 3)).mean().backward()
             opt.step()
-        state = torch.get_rng_state()
+        seen["rng" if with_agent else "bare_rng"] = torch.get_rng_state()
         if agent is not None:
             agent.close()
             event = next(e for e in read_steps(tmp_path)[-1]["events"] if e["kind"] == "nonfinite")
-            assert (event["first_module"], event["phase"]) == ("2", "forward")  # a replay ran
-        return model, state
+            assert (event["first_module"], event["phase"]) == ("bad", "forward")  # a replay ran
+        return model
 
-    bare, bare_rng = run(False)
-    watched, watched_rng = run(True)
-    assert torch.equal(bare_rng, watched_rng)
+    bare, watched = run(False), run(True)
+    assert torch.equal(seen["bare_rng"], seen["rng"])
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        before, after = getattr(bare.bn, name), getattr(watched.bn, name)
+        assert torch.isfinite(before.float()).all() and torch.equal(before, after), name
     for (name, a), b in zip(bare.state_dict().items(), watched.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=name)
 
