@@ -335,3 +335,50 @@ def test_module_hooks_exist_on_sampled_steps_only_and_a_users_own_hooks_keep_run
     assert seen == ["user"] * 6
     user.remove()
     assert _hook_counts(model) == 0
+
+
+def test_modules_inserted_without_a_registration_are_found_within_ten_sampled_steps(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(8, 4), nn.Tanh(), nn.Linear(4, 1))
+    extra = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 1))  # built before attach: no registration after
+    agent = hooktrace.attach(model, out=str(tmp_path), metrics_port=0, sample_every=1)
+    _train(model, 2)
+    model._modules["2"] = extra  # bypasses register_module, as ModuleList.insert does
+    _train(model, 11)
+    assert any(m["module"] == "2.1" for m in agent.close().modules)
+
+
+def test_an_optimizer_of_parameter_copies_still_drives_the_steps(tmp_path: Path) -> None:
+    """fp32 master weights: the optimizer updates copies; gradients are copied over by hand."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1))
+    masters = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
+    opt = torch.optim.SGD(masters, lr=0.01)
+    agent = hooktrace.attach(model, out=str(tmp_path), metrics_port=0)
+    for step in range(3):
+        model.zero_grad()
+        model(zoo.make_batch(step, model)).pow(2).mean().backward()
+        for master, param in zip(masters, model.parameters(), strict=True):
+            master.grad = param.grad.detach().clone()
+        opt.step()
+        with torch.no_grad():
+            for master, param in zip(masters, model.parameters(), strict=True):
+                param.copy_(master)
+    agent.close()
+    steps = read_steps(tmp_path)
+    assert [s["step"] for s in steps] == [1, 2, 3]
+    assert all(s["grad_norm"] is not None and s["phases"]["optimizer"] > 0 for s in steps)
+
+
+def test_detach_drops_every_reference_to_the_users_batches(tmp_path: Path) -> None:
+    import gc
+    import weakref
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    agent = hooktrace.attach(model, out=str(tmp_path), metrics_port=0)
+    batch = torch.randn(2, 4)
+    model(batch).pow(2).mean().backward()  # a forward whose step never reaches an optimizer
+    alive = weakref.ref(batch)
+    agent.detach()
+    del batch
+    gc.collect()
+    assert alive() is None
+    agent.close()
