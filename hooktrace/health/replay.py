@@ -36,12 +36,12 @@ _COLLECTIVE_TYPES = ("SyncBatchNorm", "FullyShardedDataParallel", "FSDPModule")
 def can_replay(root: nn.Module, world_size: int) -> bool:
     """Whether a bad step of ``root`` may run its forward again on this rank alone.
 
-    No for a compiled root (a replay under ``no_grad`` could recompile it), for modules known to
+    No when a compiled module is inside (a replay under ``no_grad`` could recompile it), for modules known to
     run collectives in forward (SyncBatchNorm, FSDP), and in a multi-rank job for anything but a
     plain DDP root (its inner module runs no collective): ranks deciding on their own must never
     issue different collectives, which would hang the job.
     """
-    if hasattr(root, "_orig_mod"):
+    if any(hasattr(m, "_orig_mod") for m in root.modules()):
         return False
     if world_size > 1 and not isinstance(root, nn.parallel.DistributedDataParallel):
         return False
