@@ -455,7 +455,7 @@ class Agent:
                 self._say(
                     f"non-finite gradient at step {record.step} (rank {record.rank}): "
                     + (
-                        f"the input of {where} already held a NaN/Inf"
+                        f"the input of {where} already held a NaN"
                         if event.phase == "input"
                         else f"first in {event.phase} of {where}"
                     )

@@ -91,6 +91,6 @@ class StepBuffer:
     forward_source: int | None = None
     """Module where a forward replay saw the first NaN/Inf made (health/replay.py)."""
     nonfinite_input: int | None = None
-    """Root whose input (the batch) already held a NaN/Inf, found by a forward replay."""
+    """Root whose input (the batch) already held a NaN, found by a forward replay."""
     grad_present: list[int] = field(default_factory=list)
     """Positions (in the parameter list) of the parameters whose norms are in ``grad_norms``."""
