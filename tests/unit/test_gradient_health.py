@@ -287,8 +287,7 @@ def test_a_batch_that_already_holds_a_nan_is_named_as_the_input(tmp_path: Path, 
     event = next(e for e in read_steps(tmp_path)[-1]["events"] if e["kind"] == "nonfinite")
     assert (event["first_module"], event["phase"]) == ("Sequential", "input")
     assert (
-        "non-finite gradient at step 3 (rank 0): the input of Sequential already held a NaN"
-        in capsys.readouterr().err
+        "non-finite gradient at step 3 (rank 0): the input of Sequential already held a NaN" in capsys.readouterr().err
     )
 
 
