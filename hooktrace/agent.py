@@ -7,14 +7,12 @@ slow lives in ``_aggregate`` and ``export`` on the worker thread.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import sys
 import threading
 import time
 import weakref
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -29,7 +27,7 @@ from hooktrace._record.buffer import M_AR_END, StepBuffer
 from hooktrace._record.clock import clock_for
 from hooktrace._record.comm import AllReduceTimer, is_ddp
 from hooktrace._record.discovery import Discovery
-from hooktrace._record.recorder import Recorder, always
+from hooktrace._record.recorder import Recorder
 from hooktrace._record.tracker import StepTracker
 from hooktrace._version import __version__
 from hooktrace.config import Config
@@ -420,18 +418,8 @@ class Agent:
         """A non-finite gradient the parameter gradients cannot place: replay the step's forward
         (before the optimizer changes anything) to find the module where it started."""
         if buf.forward_inputs and needs_replay(values, self.capture.params(), buf.grad_present):
-            with self._replaying():
+            with self.tracker.silenced():
                 self.replay.run(buf)
-
-    @contextlib.contextmanager
-    def _replaying(self) -> Iterator[None]:
-        """The agent's own hooks stay silent while the replay runs the model."""
-        rec = self.recorder
-        skip, rec.skip = rec.skip, always
-        try:
-            yield
-        finally:
-            rec.skip = skip
 
     def _on_step(self, buf: StepBuffer) -> None:
         self.worker.submit(buf)

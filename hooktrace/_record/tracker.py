@@ -8,9 +8,10 @@ gradients were reset without an optimizer step (a GradScaler skip), or by ``agen
 
 from __future__ import annotations
 
+import contextlib
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -29,7 +30,7 @@ from hooktrace._record.buffer import (
     StepBuffer,
 )
 from hooktrace._record.hooks import iter_tensors
-from hooktrace._record.recorder import Recorder
+from hooktrace._record.recorder import Recorder, always
 
 MAX_REPLAY_CALLS = 16
 """Root calls (micro-batches) of one step kept for a forward replay (health/replay.py)."""
@@ -130,6 +131,19 @@ class StepTracker:
                 handle.remove()
         self._root_handles.clear()
         self.rec.remove_all()
+
+    @contextlib.contextmanager
+    def silenced(self) -> Iterator[None]:
+        """Run the model without recording it (the forward replay of a bad step): every hook
+        returns at its first line, and root discovery sees a root forward in progress."""
+        rec = self.rec
+        skip, rec.skip = rec.skip, always
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            rec.skip = skip
 
     def roots(self) -> set[int]:
         return set(self._root_handles)
