@@ -149,15 +149,17 @@ def make_forward_hooks(rec: Recorder, index: int, tensor_backward: bool) -> tupl
 
 
 def make_full_backward_hooks(rec: Recorder, index: int) -> tuple[Callable[..., None], Callable[..., None]]:
-    """``register_full_backward_pre_hook`` / ``register_full_backward_hook`` bodies (``--backward full``)."""
-    on_backward = rec.on_backward
+    """``register_full_backward_pre_hook`` / ``register_full_backward_hook`` bodies (``--backward
+    full``): the same body as the node hooks of ``auto``, on the module's first gradient."""
+    on_grad = rec.on_node_grad
+    starts, ends = [(BWD_START, index, -1)], [(BWD_END, index, -1)]
 
     def backward_pre(module: nn.Module, grad_output: Any) -> None:
-        on_backward(BWD_START, index, -1, None)
+        on_grad(starts, 0, grad_output)
         return None
 
     def backward_post(module: nn.Module, grad_input: Any, grad_output: Any) -> None:
-        on_backward(BWD_END, index, -1, None)
+        on_grad(ends, 0, grad_input)
         return None
 
     return backward_pre, backward_post

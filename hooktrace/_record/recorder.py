@@ -96,25 +96,10 @@ class Recorder:
         self._registration_hook: RemovableHandle | None = None
 
     # -- hot path -------------------------------------------------------------------------------
-    def on_backward(self, kind: int, index: int, call: int, grad: Any) -> None:
-        """Tensor-hook / full-backward-hook body: one stamp, one append."""
-        try:
-            buf = self.buf
-            if len(buf.events) >= MAX_EVENTS_PER_STEP:
-                buf.dropped_events += 1
-                return None
-            buf.events.append((kind, index, call, self.stamp()))
-            if self.flow and isinstance(grad, torch.Tensor):
-                # Sampled steps only: the "gradient flow" norms, kept on device (no sync).
-                norm = gradient_norm(grad)
-                (buf.output_grad_norms if kind == BWD_START else buf.input_grad_norms).append((index, norm))
-        except Exception as exc:
-            self.hook_error(exc)
-        return None
-
     def on_node_grad(self, targets: list[tuple[int, int, int]], output_nr: int, grad_outputs: Any) -> None:
-        """Pre-hook of a watched tensor's autograd node (see ``hooks.watch_tensor``): one stamp
-        for every module that shares the tensor, and on deep steps the norm of its gradient."""
+        """Every backward hook's body: the pre-hook of a watched tensor's autograd node (see
+        ``hooks.watch_tensor``) or a full backward hook. One stamp for every module that shares
+        the gradient, and on deep steps its norm (kept on device: no sync)."""
         if self.skip():
             return None
         start = time.perf_counter_ns()

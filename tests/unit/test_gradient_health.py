@@ -442,3 +442,27 @@ def test_raise_still_raises_when_the_replay_cannot_run(tmp_path: Path) -> None:
     assert info.value.step == 2
     assert not any(torch.isnan(p).any() for p in model.parameters())  # the NaN step was not taken
     agent.close()
+
+
+def test_gradient_flow_is_recorded_by_full_backward_hooks_too(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1))
+    batch = torch.randn(4, 8, requires_grad=True)  # so every module gets a full backward hook
+    outputs: dict[str, torch.Tensor] = {}
+    for name, module in model.named_children():
+        module.register_forward_hook(lambda m, a, out, name=name: outputs.__setitem__(name, out))
+    agent = hooktrace.attach(model, out=str(tmp_path), metrics_port=0, sample_every=1, backward="full")
+    full_hooks = []
+    for _ in range(2):  # step 1 runs the preflight, step 2 the full hooks
+        loss = model(batch).pow(2).sum()
+        full_hooks.append([len(m._backward_hooks) for m in model])
+        for out in outputs.values():
+            out.retain_grad()
+        loss.backward()
+        torch.optim.SGD(model.parameters(), lr=0.0).step()
+    agent.close()
+    assert full_hooks[1] == [1, 1, 1]
+    flow = read_steps(tmp_path)[1]["output_grad_norms"]
+    assert {k: flow[k] for k in ("0", "1", "2")} == pytest.approx(
+        {name: float(out.grad.double().norm()) for name, out in outputs.items()}, rel=1e-5
+    )
