@@ -39,10 +39,6 @@ MAX_MICRO_BATCHES = 10_000
 """A step that never sees an optimizer step nor a gradient reset is closed after this many
 forwards, so buffers stay bounded whatever the loop does."""
 
-FLOW_EVERY = 1
-"""Sampled steps that also record per-module gradient norms (gradient flow): every one of them.
-Raise it to make sampled steps cheaper on small CPU models (a reduction per module gradient)."""
-
 _now = time.perf_counter_ns
 _grad_enabled = torch.is_grad_enabled
 _graph_task_id = torch._C._current_graph_task_id
@@ -208,8 +204,7 @@ class StepTracker:
 
     def _begin_sampled(self, buf: StepBuffer) -> None:
         start = _now()
-        sampled_index = (buf.number - 1) // self.sample_every
-        self.rec.flow = sampled_index % FLOW_EVERY == 0 or self.rec.hunt > 0
+        self.rec.flow = True  # gradient flow on every sampled step (pinned modules: only then)
         # module output sums, unless a bad step can replay its forward instead
         self.rec.check_outputs = not self.rec.replay_all or self.rec.hunt > 0
         if self.rec.hunt > 0:
