@@ -36,7 +36,7 @@ from hooktrace.errors import AttachError, ConfigError, GradientExplosionError, N
 from hooktrace.export.base import Exporter
 from hooktrace.health.guard import SyncGuard
 from hooktrace.health.monitor import GradHealth
-from hooktrace.health.norms import GradNormCapture, capture_buffer_norms
+from hooktrace.health.norms import GradNormCapture, HostCopy, capture_buffer_norms
 from hooktrace.health.replay import ForwardReplay, can_replay, host_norms, needs_replay
 from hooktrace.summary import RunSummary
 from hooktrace.summary_builder import build_summary, slowest_rank, write_summary
@@ -422,6 +422,13 @@ class Agent:
                 self.replay.run(buf)
 
     def _on_step(self, buf: StepBuffer) -> None:
+        if buf.clock is not None and buf.clock.kind == "cuda":
+            # the gradient-flow and output norms start their way to the host here, on the stream
+            # that made them: the worker must not launch GPU work of its own
+            for name in ("output_norms", "input_grad_norms", "output_grad_norms"):
+                pairs = getattr(buf, name)
+                if pairs:
+                    setattr(buf, name, HostCopy(pairs))
         self.worker.submit(buf)
 
     def _on_record(self, record: StepRecord) -> None:

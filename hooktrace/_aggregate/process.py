@@ -10,7 +10,7 @@ from hooktrace._aggregate.timeline import module_intervals, phase_durations, pha
 from hooktrace._record.buffer import M_AR_END, M_BWD, M_BWD_END, StepBuffer
 from hooktrace._record.module_table import ModuleTable
 from hooktrace.health.monitor import GradHealth, Verdict, nonfinite_source, resolve_pairs
-from hooktrace.health.norms import GradNormCapture, resolve_norms, to_host_floats
+from hooktrace.health.norms import GradNormCapture, resolve_norms
 
 
 class StepProcessor:
@@ -107,7 +107,7 @@ class StepProcessor:
 
     def _gradients(self, buf: StepBuffer, record: StepRecord) -> None:
         if buf.buffer_norms is not None and buf.buffer_norms[0] is not None:
-            values = to_host_floats(buf.buffer_norms[0])
+            values = resolve_norms(*buf.buffer_norms[0])
             record.buffer_norms = {
                 name: v for name, v in zip(buf.buffer_norms[1], values, strict=True) if math.isfinite(v)
             }

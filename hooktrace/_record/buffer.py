@@ -74,7 +74,8 @@ class StepBuffer:
     """Hook errors counted during this step (a ``hook_error`` event when non-zero)."""
     dropped_events: int = 0
     output_grad_norms: list[tuple[int, Any]] = field(default_factory=list)
-    """Sampled steps: ‖grad_output‖ per module call, in backward order (0-dim device tensors)."""
+    """Sampled steps: ‖grad_output‖ per module call, in backward order (0-dim device tensors; on
+    CUDA a ``health.norms.HostCopy`` of them once the step closed)."""
     input_grad_norms: list[tuple[int, Any]] = field(default_factory=list)
     """Sampled steps: ‖grad_input‖ per module call, in backward order."""
     pending_outputs: list[tuple[int, Any]] = field(default_factory=list)

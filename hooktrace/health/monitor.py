@@ -160,13 +160,10 @@ def nonfinite_source(buf: Any, verdict: Verdict, params: list[ParamRef], table: 
     return TOTAL, TOTAL, "unknown"
 
 
-def resolve_pairs(pairs: list[tuple[int, Any]]) -> list[tuple[int, float]]:
-    """Device scalars -> floats, in one transfer (worker thread)."""
-    if not pairs:
-        return []
-    import torch
+def resolve_pairs(pairs: Any) -> list[tuple[int, float]]:
+    """``(module index, device scalar)`` pairs, or their ``HostCopy``, as host floats (worker)."""
+    from hooktrace.health.norms import HostCopy
 
-    from hooktrace.health.norms import to_host_floats
-
-    values = to_host_floats(torch.stack([value.float().to(pairs[0][1].device) for _, value in pairs]))
-    return [(index, float(v)) for (index, _), v in zip(pairs, values, strict=True)]
+    if isinstance(pairs, HostCopy):
+        return pairs.values()
+    return HostCopy(pairs).values() if pairs else []

@@ -76,21 +76,14 @@ class GradNormCapture:
                 # tensor op.
                 values: list[float] = torch.stack(norms).tolist()
                 return values, present, None
-            if self._multi_device:
-                device = norms[0].device
-                norms = [n.to(device) for n in norms]
-            stacked = torch.stack(norms)
-        if stacked.is_cuda:
-            host = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=True)
-            host.copy_(stacked, non_blocking=True)
-            ready = torch.cuda.Event()
-            ready.record(torch.cuda.current_stream(stacked.device))
-            return host, present, ready
-        return stacked, present, None
+            stacked = stack_on_one_device(norms)
+        host, ready = copy_to_host_async(stacked)
+        return host, present, ready
 
 
 def capture_buffer_norms(table: ModuleTable) -> tuple[Any, list[str]]:
-    """Norms of every floating-point buffer (sampled steps): one ``_foreach_norm``, no sync."""
+    """``((host norms, ready event), names)`` of every floating-point buffer (sampled steps,
+    training thread): one ``_foreach_norm`` and the start of one copy to the host, no sync."""
     names: list[str] = []
     tensors: list[torch.Tensor] = []
     for info in table.infos:
@@ -99,24 +92,43 @@ def capture_buffer_norms(table: ModuleTable) -> tuple[Any, list[str]]:
             tensors.append(buffer.detach())
     if not tensors:
         return None, names
-    norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
-    device = norms[0].device
-    return torch.stack([n.to(device) for n in norms]), names
+    norms = stack_on_one_device(list(torch._foreach_norm(tensors, 2, dtype=torch.float32)))
+    return copy_to_host_async(norms), names
 
 
-def to_host_floats(tensor: torch.Tensor) -> list[float]:
-    """A 1-d tensor's values on the host. Worker thread: on CUDA a pinned non-blocking copy and an
-    event wait, never ``.item()``/``.cpu()``, which ``set_sync_debug_mode("error")`` forbids."""
-    if tensor.is_cuda:
-        with torch.cuda.device(tensor.device):  # the worker must not touch (or create a context on) GPU 0
-            host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-            host.copy_(tensor, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record(torch.cuda.current_stream(tensor.device))
-            done.synchronize()
-        tensor = host
-    values: list[float] = tensor.tolist()
-    return values
+def stack_on_one_device(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Stack same-shaped tensors that may sit on several devices, on a CUDA device when any is
+    there: moving host values to the GPU does not wait for it, moving GPU values to the host does."""
+    device = next((t.device for t in tensors if t.is_cuda), tensors[0].device)
+    return torch.stack([t.to(device, non_blocking=True) for t in tensors])
+
+
+def copy_to_host_async(tensor: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """``(host tensor, ready event or None)``: on CUDA a non-blocking copy to pinned memory and an
+    event recorded after it, so nobody waits until the values are read (``resolve_norms``)."""
+    if not tensor.is_cuda:
+        return tensor, None
+    with torch.cuda.device(tensor.device):  # the worker must not touch (or create a context on) GPU 0
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        host.copy_(tensor, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record(torch.cuda.current_stream(tensor.device))
+    return host, ready
+
+
+class HostCopy:
+    """Device scalars of one step keyed by module index, copied to the host in one transfer that
+    nobody waits for: started on the training thread, on the stream that made them (CUDA), and
+    read on the worker (``values``)."""
+
+    __slots__ = ("host", "indices", "ready")
+
+    def __init__(self, pairs: list[tuple[int, torch.Tensor]]) -> None:
+        self.indices = [index for index, _ in pairs]
+        self.host, self.ready = copy_to_host_async(stack_on_one_device([value.float() for _, value in pairs]))
+
+    def values(self) -> list[tuple[int, float]]:
+        return list(zip(self.indices, resolve_norms(self.host, self.ready), strict=True))
 
 
 def resolve_norms(norms: Any, ready: Any) -> list[float]:

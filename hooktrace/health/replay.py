@@ -28,7 +28,7 @@ from hooktrace._record.buffer import StepBuffer
 from hooktrace._record.hooks import iter_tensors
 from hooktrace._record.module_table import ModuleTable
 from hooktrace.health.monitor import locate_nonfinite
-from hooktrace.health.norms import ParamRef
+from hooktrace.health.norms import ParamRef, stack_on_one_device
 
 _COLLECTIVE_TYPES = ("SyncBatchNorm", "FullyShardedDataParallel", "FSDPModule")
 
@@ -135,7 +135,7 @@ def first_source(seen: list[tuple[int, torch.Tensor]]) -> int | None:
     container qualifies when no module inside it did (its own code made it). An output whose only
     non-finite values are ``-inf`` is considered last: that is what masks are made of (and what a
     ``log(0)`` gives). None when no module made one."""
-    rows: list[list[float]] = torch.stack([flags.to(seen[0][1].device) for _, flags in seen]).tolist()
+    rows: list[list[float]] = stack_on_one_device([flags for _, flags in seen]).tolist()
     for allow_minus_inf in (False, True):
         for (index, _), (in_nan, in_bad, out_nan, out_pinf, out_ninf) in zip(seen, rows, strict=True):
             made_nan = out_nan and not in_nan
@@ -166,7 +166,7 @@ def _nan_input(args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> bool:
     tensors = _floating([*args, *(kwargs or {}).values()])
     if not tensors:
         return False
-    return bool(torch.stack([torch.isnan(t).any().to(tensors[0].device) for t in tensors]).any())
+    return bool(stack_on_one_device([torch.isnan(t).any() for t in tensors]).any())
 
 
 def _watching_hook(index: int, seen: list[tuple[int, torch.Tensor]]) -> Any:

@@ -466,3 +466,13 @@ def test_gradient_flow_is_recorded_by_full_backward_hooks_too(tmp_path: Path) ->
     assert {k: flow[k] for k in ("0", "1", "2")} == pytest.approx(
         {name: float(out.grad.double().norm()) for name, out in outputs.items()}, rel=1e-5
     )
+
+
+def test_device_scalars_reach_the_host_in_one_copy_keyed_by_module() -> None:
+    from hooktrace.health.monitor import resolve_pairs
+    from hooktrace.health.norms import HostCopy
+
+    pairs = [(3, torch.tensor(1.5)), (1, torch.tensor(float("nan"))), (3, torch.tensor(2.0, dtype=torch.float16))]
+    copied = HostCopy(pairs)  # what a CUDA step starts on the training thread at close
+    assert resolve_pairs(copied)[0] == (3, 1.5) and resolve_pairs(copied)[2] == (3, 2.0)
+    assert math.isnan(resolve_pairs(pairs)[1][1]) and resolve_pairs([]) == []
