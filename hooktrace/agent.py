@@ -8,7 +8,6 @@ slow lives in ``_aggregate`` and ``export`` on the worker thread.
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
 import threading
 import time
@@ -27,6 +26,7 @@ from hooktrace._record.buffer import M_AR_END, StepBuffer
 from hooktrace._record.clock import clock_for
 from hooktrace._record.comm import AllReduceTimer, is_ddp
 from hooktrace._record.discovery import Discovery
+from hooktrace._record.module_table import clean_name
 from hooktrace._record.recorder import Recorder
 from hooktrace._record.tracker import StepTracker
 from hooktrace._version import __version__
@@ -57,8 +57,16 @@ def existing_agent(model: nn.Module) -> Agent | None:
     return agent if agent is not None and not agent._detached else None
 
 
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The model a user names things in: DDP's inner module (names never carry ``module.``)."""
+    inner = model.module if is_ddp(model) else model
+    assert isinstance(inner, nn.Module)
+    return inner
+
+
 def _names_something(model: nn.Module, name: str) -> bool:
     """Whether ``name`` is a submodule or parameter of ``model`` (get_submodule/get_parameter)."""
+    model = _unwrapped(model)
     for lookup in (model.get_submodule, model.get_parameter):
         try:
             lookup(name)
@@ -110,7 +118,7 @@ class Agent:
             depth=cfg.depth, max_modules=cfg.max_modules, backward=cfg.backward, on_fatal=self._fatal
         )
         self.capture = GradNormCapture(self.recorder.table)
-        watch_params = {w for w in cfg.watch}
+        watch_params = {clean_name(w) for w in cfg.watch}  # as the module table names them (no "module.")
         self.health = GradHealth(self.recorder.table, cfg.explode_factor, watch_params)
         self.replay = ForwardReplay(self.recorder.table, self.recorder.modules)
         self.guard = (
@@ -371,10 +379,10 @@ class Agent:
 
     def _pin(self, root: nn.Module, name: str) -> None:
         try:
-            target = root.get_submodule(name)
+            target = _unwrapped(root).get_submodule(name)
         except AttributeError:
             try:
-                root.get_parameter(name)
+                _unwrapped(root).get_parameter(name)
                 return  # a parameter: its norm is reported every step by the health monitor
             except AttributeError:
                 self._warn_once(
@@ -475,15 +483,3 @@ class Agent:
     def _fatal(self) -> None:
         self.detach()
         self.notes.append("detached after repeated hook errors")
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def files(self) -> dict[str, str]:
-        r = self.info.rank
-        return {
-            "trace": os.path.join(self.out_dir, f"rank{r}.trace.json"),
-            "steps": os.path.join(self.out_dir, f"rank{r}.steps.jsonl"),
-            "summary": os.path.join(self.out_dir, "summary.json"),
-        }

@@ -18,7 +18,6 @@ class Placement:
     local_rank: int
     world_size: int
     node: str
-    group_rank: int
     restart_count: int
 
 
@@ -51,6 +50,5 @@ def placement(environ: Mapping[str, str] | None = None) -> Placement:
         local_rank=local if local is not None else rank,
         world_size=world,
         node=socket.gethostname(),
-        group_rank=_int(env, "GROUP_RANK") or 0,
         restart_count=_int(env, "TORCHELASTIC_RESTART_COUNT") or 0,
     )

@@ -72,11 +72,10 @@ def watch_tensor(rec: Recorder, buf: StepBuffer, tensor: torch.Tensor, kind: int
         return  # a leaf (a parameter passed as an argument): its hooks would outlive the step
     targets = [(kind, index, call)]
     watched[key] = (_weakref(tensor), targets)
-    if node is not None:
-        # A pre-hook on the tensor's autograd node fires when its gradient is complete, like a
-        # tensor hook, and stays with the node if the tensor is later modified in place; it
-        # costs ~2 us to register where Tensor.register_hook costs ~20 us.
-        node.register_prehook(partial(rec.on_node_grad, targets, tensor.output_nr))
+    # A pre-hook on the tensor's autograd node fires when its gradient is complete, like a tensor
+    # hook, and stays with the node if the tensor is later modified in place; it costs ~2 us to
+    # register where Tensor.register_hook costs ~20 us.
+    node.register_prehook(partial(rec.on_node_grad, targets, tensor.output_nr))
 
 
 def make_forward_hooks(rec: Recorder, index: int, tensor_backward: bool) -> tuple[Callable[..., None], ...]:

@@ -14,13 +14,11 @@ from collections import deque
 
 
 class RollingMedian:
-    """Median of the last ``window`` accepted values of one series.
+    """The last ``window`` accepted values of one series, in arrival order (to evict) and sorted
+    (bisect), so a median costs O(log n) comparisons in C instead of a sort per step on the worker
+    thread."""
 
-    Keeps the window both in arrival order (to evict) and sorted (bisect), so a median costs
-    O(log n) comparisons in C instead of a sort per step on the worker thread.
-    """
-
-    __slots__ = ("_order", "_sorted", "values")
+    __slots__ = ("_sorted", "values")
 
     def __init__(self, window: int) -> None:
         self.values: deque[float] = deque(maxlen=window)
@@ -35,8 +33,7 @@ class RollingMedian:
 
     def add(self, value: float) -> None:
         if len(self.values) == self.values.maxlen:
-            old = self.values[0]
-            del self._sorted[bisect_left(self._sorted, old)]
+            del self._sorted[bisect_left(self._sorted, self.values[0])]
         self.values.append(value)
         insort(self._sorted, value)
 
@@ -52,10 +49,8 @@ class SpikeDetector:
         self._series: dict[str, RollingMedian] = {}
 
     def check(self, name: str, value: float) -> tuple[bool, float | None]:
-        """``(is_spike, ratio to median)``; records ``value`` in the history.
-
-        Called for every module label at every step on the worker thread: the median and the
-        window update are inlined here (same arithmetic as ``RollingMedian``)."""
+        """``(is_spike, ratio to median)``; records ``value`` in the history (evicting the oldest
+        once the window is full)."""
         series = self._series.get(name)
         if series is None:
             if len(self._series) >= self.max_series:
@@ -63,19 +58,10 @@ class SpikeDetector:
             series = self._series[name] = RollingMedian(self.window)
         if not math.isfinite(value):
             return False, None
-        ordered, values = series._sorted, series.values
-        n = len(ordered)
-        if n == 0:
-            spike, ratio = False, None
-        else:
-            mid = n // 2
-            med = ordered[mid] if n % 2 else (ordered[mid - 1] + ordered[mid]) / 2
-            ratio = value / med if med else None
-            spike = n >= self.warmup and med > 0 and value > self.factor * med
-            if n == values.maxlen:
-                del ordered[bisect_left(ordered, values[0])]
-        values.append(value)
-        insort(ordered, value)
+        med = series.median()
+        ratio = value / med if med else None
+        spike = med is not None and len(series.values) >= self.warmup and med > 0 and value > self.factor * med
+        series.add(value)
         return spike, ratio
 
     def threshold(self, name: str) -> float | None:

@@ -382,3 +382,27 @@ def test_detach_drops_every_reference_to_the_users_batches(tmp_path: Path) -> No
     gc.collect()
     assert alive() is None
     agent.close()
+
+
+def test_watch_names_on_a_ddp_model_are_the_inner_models_names(tmp_path: Path) -> None:
+    import socket
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = DistributedDataParallel(zoo.TwiceNet())
+        agent = hooktrace.attach(
+            model, out=str(tmp_path), metrics_port=0, sample_every=10, watch=("out", "block.0.weight")
+        )
+        _train(model, 3)
+        rows = {(m["module"], m["phase"]): m for m in agent.close().modules}
+    finally:
+        dist.destroy_process_group()
+    assert rows[("out", "forward")]["steps"] == 3  # the watched module: every step
+    assert all("block.0.weight" in s.get("param_grad_norms", {}) for s in read_steps(tmp_path))
