@@ -71,9 +71,6 @@ class Recorder:
         """CUDA with DDP timing: every step needs an anchor to read all-reduce completion events."""
         self.hook_errors = 0
         self.first_error: str | None = None
-        self.flow = False
-        """Deep steps: record output and gradient norms per module (gradient flow, NaN localisation).
-        One reduction per module output and gradient: too costly for every sampled step on CPU."""
         self.check_outputs = False
         """Sampled steps: keep a sum of each module output, to name where a NaN/Inf started."""
         self.replay_roots: set[int] = set()
@@ -112,7 +109,7 @@ class Recorder:
             stamp = self.stamp()
             for kind, index, call in targets:
                 events.append((kind, index, call, stamp))
-            if self.flow and output_nr < len(grad_outputs):
+            if buf.sampled and output_nr < len(grad_outputs):  # gradient flow: sampled steps only
                 grad = grad_outputs[output_nr]
                 if isinstance(grad, torch.Tensor):
                     norm = gradient_norm(grad)
@@ -229,7 +226,6 @@ class Recorder:
     def deactivate(self) -> int:
         """Remove the per-module hooks of a sampled step (pinned modules keep theirs)."""
         start = time.perf_counter_ns()
-        self.flow = False
         for index in [i for i in self._active if i not in self._pinned]:
             self._active.pop(index).remove()
         return time.perf_counter_ns() - start

@@ -184,7 +184,6 @@ class StepTracker:
             buf.overhead_ns += self.rec.deactivate()
             self._active = False
             self.rec.preflight_finished = False
-        self.rec.flow = False
         self.rec.check_outputs = False
         nxt = StepBuffer(number=number, sampled=sampled, start_ns=end, marks=carry)
         nxt.clock = self.rec.clock
@@ -204,7 +203,6 @@ class StepTracker:
 
     def _begin_sampled(self, buf: StepBuffer) -> None:
         start = _now()
-        self.rec.flow = True  # gradient flow on every sampled step (pinned modules: only then)
         # module output sums, unless a bad step can replay its forward instead
         self.rec.check_outputs = not self.rec.replay_all or self.rec.hunt > 0
         if self.rec.hunt > 0:
