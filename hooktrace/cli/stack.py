@@ -206,9 +206,14 @@ def _stop(pid: int) -> None:
         time.sleep(0.02)
 
 
+LOOPBACK = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+"""An opener that ignores HTTP(S)_PROXY, as Prometheus does when it scrapes: a proxy meant for
+the internet must not swallow loopback or cluster-internal servers and ranks (stack, top)."""
+
+
 def _http_ready(url: str) -> bool:
     try:
-        with urllib.request.urlopen(f"{url}/-/ready", timeout=1.0) as response:
+        with LOOPBACK.open(f"{url}/-/ready", timeout=1.0) as response:
             return bool(response.status == 200)
     except urllib.error.HTTPError as exc:
         exc.close()

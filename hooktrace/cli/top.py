@@ -29,6 +29,7 @@ from rich.table import Table
 from rich.text import Text
 
 from hooktrace._aggregate.snapshot import PHASES, TOTAL
+from hooktrace.cli.stack import LOOPBACK
 
 __all__ = ["Scrape", "Target", "View", "build_view", "fetch_all", "read_targets", "render", "top_command"]
 
@@ -148,15 +149,10 @@ def _reason(exc: BaseException) -> str:
     return f"{type(reason).__name__}: {reason}" if isinstance(reason, BaseException) else str(reason)
 
 
-_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-"""Scrape targets directly, as Prometheus does: an HTTP(S)_PROXY meant for the internet must not
-swallow loopback or cluster-internal ranks."""
-
-
 def fetch(target: Target, timeout: float = FETCH_TIMEOUT_S) -> Scrape:
     """Scrape one target; every failure becomes a down ``Scrape`` (the view must never crash)."""
     try:
-        with _DIRECT.open(target.url, timeout=timeout) as response:
+        with LOOPBACK.open(target.url, timeout=timeout) as response:
             text = response.read().decode("utf-8")
         return Scrape(target, time.monotonic(), parse_exposition(text))
     except Exception as exc:  # refused, timed out, HTTP error, not an exposition: all mean "down"
