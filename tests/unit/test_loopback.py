@@ -12,7 +12,7 @@ from hooktrace.cli import stack
 
 
 class _Ready(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802 - the http.server name
+    def do_GET(self) -> None:
         self.send_response(200 if self.path == "/-/ready" else 404)
         self.end_headers()
 
