@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_attach.py
 	$(PY) benchmarks/bench_grad_norms.py
 	$(PY) benchmarks/bench_scrape.py
+	$(PY) benchmarks/bench_spans.py
 
 dashboards: $(STAMP)
 	$(PY) grafana/build.py

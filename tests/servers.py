@@ -146,11 +146,6 @@ class ServerProcess:
         text = self.log_path.read_text(errors="replace")
         return text[-chars:]
 
-    @property
-    def running(self) -> bool:
-        """Whether the process is still alive."""
-        return self._process.poll() is None
-
     def stop(self) -> None:
         """Terminate the process, wait for it (kill it after 10 s); idempotent."""
         try:
@@ -199,24 +194,10 @@ class PrometheusServer(ServerProcess):
                 )
             time.sleep(0.25)
 
-    def alerts(self) -> list[dict[str, Any]]:
-        """Return the pending and firing alerts (``/api/v1/alerts``)."""
-        alerts: list[dict[str, Any]] = http_get_json(f"{self.url}/api/v1/alerts")["data"]["alerts"]
-        return alerts
-
     def targets_health(self) -> list[dict[str, Any]]:
         """Return each active target's scrape URL, health and last error (for failure messages)."""
         targets = http_get_json(f"{self.url}/api/v1/targets")["data"]["activeTargets"]
         return [{k: t.get(k) for k in ("scrapeUrl", "health", "lastError")} for t in targets]
-
-
-class AlertmanagerServer(ServerProcess):
-    """A running ``prometheus-alertmanager``."""
-
-    def alerts(self) -> list[dict[str, Any]]:
-        """Return the alerts Alertmanager holds (``/api/v2/alerts``)."""
-        alerts: list[dict[str, Any]] = http_get_json(f"{self.url}/api/v2/alerts")
-        return alerts
 
 
 def _workdir(tmp_path: Path, name: str, port: int) -> Path:
@@ -293,7 +274,7 @@ def start_prometheus(
     return server
 
 
-def start_alertmanager(tmp_path: Path, webhook_url: str) -> AlertmanagerServer:
+def start_alertmanager(tmp_path: Path, webhook_url: str) -> ServerProcess:
     """Start ``prometheus-alertmanager`` on 127.0.0.1:<free port>, routing every alert to ``webhook_url``.
 
     Clustering is off (``--cluster.listen-address=``); each alert is its own group (``group_by:
@@ -322,7 +303,7 @@ def start_alertmanager(tmp_path: Path, webhook_url: str) -> AlertmanagerServer:
         "--cluster.listen-address=",
         "--log.level=debug",
     ]
-    server = AlertmanagerServer("alertmanager", argv, workdir=workdir, url=f"http://127.0.0.1:{port}")
+    server = ServerProcess("alertmanager", argv, workdir=workdir, url=f"http://127.0.0.1:{port}")
     server.wait_ready(f"{server.url}/-/ready")
     return server
 

@@ -13,7 +13,6 @@ they must still be valid PromQL.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import math
 import os
@@ -177,15 +176,6 @@ class LiveRun:
     log: Path
 
 
-def _hooktrace_command() -> list[str]:
-    spec = importlib.util.find_spec("hooktrace")
-    if spec is None or spec.origin is None:
-        # Only while the agent core is being written: hooktrace/__init__.py does not exist yet.
-        pytest.skip("hooktrace is not importable yet (no hooktrace/__init__.py)")
-    script = Path(sys.executable).with_name("hooktrace")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "hooktrace"]
-
-
 def _wait_for(
     prometheus: PrometheusServer, run: subprocess.Popen[bytes], log: Path, promql: str, deadline: float
 ) -> None:
@@ -214,7 +204,7 @@ def _stop(run: subprocess.Popen[bytes]) -> None:
 
 @pytest.fixture(scope="module")
 def live_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveRun]:
-    command = _hooktrace_command()
+    command = [sys.executable, "-m", "hooktrace.cli.main"]
     require_binary("prometheus")
     assert EXAMPLE.exists(), f"{EXAMPLE} is missing"
     tmp = tmp_path_factory.mktemp("dashboard-queries")

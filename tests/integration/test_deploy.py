@@ -32,13 +32,6 @@ COMPOSE_DIR = DEPLOY / "compose"
 K8S = DEPLOY / "k8s"
 DASHBOARDS_DIR = REPO_ROOT / "grafana" / "dashboards"
 COMPOSE_SCHEMA = REPO_ROOT / "tests" / "data" / "compose-spec.json"
-ALERT_NAMES = {
-    "HooktraceGradientExplosion",
-    "HooktraceNonFiniteGradients",
-    "HooktraceStraggler",
-    "HooktraceTrainingStalled",
-    "HooktraceAgentDropping",
-}
 
 
 def load_yaml(path: Path) -> Any:
@@ -224,7 +217,12 @@ def test_the_compose_sidecar_and_the_local_stack_merge_run_targets_identically(t
     sync = load_module(COMPOSE_DIR / "targets-sync" / "sync.py")
     for name, content in {
         "r2": [{"targets": ["127.0.0.1:9751"], "labels": {"run_id": "r2", "rank": "1"}}],
-        "r1": [{"targets": ["127.0.0.1:9750"], "labels": {"run_id": "r1", "rank": "0"}}, {"targets": []}],
+        "r1": [
+            {"targets": ["127.0.0.1:9750"], "labels": {"run_id": "r1", "rank": "0"}},
+            {"targets": []},
+            {"targets": ["x:2"], "labels": {"rank": 0}},  # a label that is not a string
+            {"targets": [9750]},  # a target that is not a string
+        ],
         "half": "[{",
         "foreign": {"targets": ["x:1"]},
     }.items():
@@ -302,8 +300,6 @@ def test_the_prometheus_rule_holds_exactly_the_groups_of_the_rules_file() -> Non
     rule = by_kind(kustomize(K8S))["PrometheusRule"]
     assert rule["apiVersion"] == "monitoring.coreos.com/v1"
     assert rule["spec"]["groups"] == load_yaml(RULES_FILE)["groups"]
-    alerts = {r["alert"] for g in rule["spec"]["groups"] for r in g["rules"] if "alert" in r}
-    assert alerts == ALERT_NAMES
 
 
 def test_the_dashboards_configmap_carries_every_dashboard_for_the_grafana_sidecar() -> None:

@@ -14,8 +14,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -64,7 +62,6 @@ class OtlpReceiver:
 
     def __init__(self) -> None:
         self.spans: list[Received] = []
-        self.requests = 0
         self._lock = threading.Lock()
         receiver = self
 
@@ -95,7 +92,6 @@ class OtlpReceiver:
 
     def add(self, request: ExportTraceServiceRequest) -> None:
         with self._lock:
-            self.requests += 1
             for rs in request.resource_spans:
                 resource = _attrs(rs.resource.attributes)
                 for ss in rs.scope_spans:
@@ -123,12 +119,6 @@ class OtlpReceiver:
         self.server.server_close()
 
 
-@contextmanager
-def _receiver() -> Iterator[OtlpReceiver]:
-    with OtlpReceiver() as receiver:
-        yield receiver
-
-
 def _hooktrace_run(
     out: Path, *args: str, env: dict[str, str] | None = None
 ) -> tuple[subprocess.CompletedProcess[str], float]:
@@ -145,7 +135,7 @@ def _hooktrace_run(
 
 
 def test_hooktrace_run_sends_each_sampled_step_as_one_nested_trace_to_an_otlp_collector(tmp_path: Path) -> None:
-    with _receiver() as collector:
+    with OtlpReceiver() as collector:
         _hooktrace_run(
             tmp_path,
             *["--run-id", "itest", "--sample-every", "5", "--otlp-endpoint"],
@@ -202,7 +192,7 @@ def test_a_collector_that_is_down_leaves_training_unchanged_and_counts_the_dropp
 
 
 def test_two_ddp_ranks_send_one_trace_per_step_with_both_rank_spans_under_one_root(tmp_path: Path) -> None:
-    with _receiver() as collector:
+    with OtlpReceiver() as collector:
         _hooktrace_run(
             tmp_path,
             *["--nproc-per-node", "2", "--master-port", str(free_port()), "--sample-every", "5", "--otlp-endpoint"],

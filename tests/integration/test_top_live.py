@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -11,15 +10,10 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from hooktrace.cli.top import top_command
+from tests.servers import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 MLP = REPO / "examples" / "train_mlp.py"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_top_once_shows_rank_0_and_module_rows_of_a_running_job(tmp_path: Path) -> None:
