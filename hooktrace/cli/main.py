@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -12,7 +13,7 @@ import click
 from hooktrace._version import __version__
 from hooktrace.cli.stack import stack_group
 from hooktrace.cli.top import top_command
-from hooktrace.cli.torchrun import TORCHRUN_OPTIONS, launch_distributed
+from hooktrace.cli.torchrun import TORCHRUN_KEYS, TORCHRUN_OPTIONS, launch_distributed
 from hooktrace.config import Config
 from hooktrace.errors import ConfigError
 
@@ -43,22 +44,21 @@ def cli() -> None:
     """Per-module timing and gradient health for PyTorch training."""
 
 
-def _config_options(func: Any) -> Any:
-    for flag, kwargs in reversed(CONFIG_OPTIONS):
-        func = click.option(flag, default=None, **kwargs)(func)
-    return func
+def _options(spec: list[tuple[str, dict[str, Any]]]) -> Callable[[Any], Any]:
+    """Click options from a ``(flag, kwargs)`` table; unset ones stay None (config layers decide)."""
 
+    def decorate(func: Any) -> Any:
+        for flag, kwargs in reversed(spec):
+            func = click.option(flag, default=None, **kwargs)(func)
+        return func
 
-def _torchrun_options(func: Any) -> Any:
-    for flag, kwargs in reversed(TORCHRUN_OPTIONS):
-        func = click.option(flag, default=None, **kwargs)(func)
-    return func
+    return decorate
 
 
 @cli.command(context_settings={"allow_interspersed_args": False})
 @click.option("-m", "as_module", is_flag=True, help="Run library module MODULE as a script, like python -m.")
-@_config_options
-@_torchrun_options
+@_options(CONFIG_OPTIONS)
+@_options(TORCHRUN_OPTIONS)
 @click.argument("target_and_args", nargs=-1, type=click.UNPROCESSED)
 def run(as_module: bool, target_and_args: tuple[str, ...], **options: Any) -> None:
     """Run SCRIPT [ARGS]... (or -m MODULE [ARGS]...) with the agent attached.
@@ -66,7 +66,7 @@ def run(as_module: bool, target_and_args: tuple[str, ...], **options: Any) -> No
     Like python: same argv, __main__, stdin/stdout and exit code. With --nproc-per-node it
     delegates to torchrun, each worker running the script with the agent.
     """
-    torchrun = {k: options.pop(k) for k in list(options) if k in {o[0][2:].replace("-", "_") for o in TORCHRUN_OPTIONS}}
+    torchrun = {key: options.pop(key) for key in TORCHRUN_KEYS}
     explicit = {k: v for k, v in options.items() if v is not None and v != ()}
     try:
         config = Config.resolve(explicit)

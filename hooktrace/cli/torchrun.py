@@ -27,6 +27,8 @@ TORCHRUN_OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("--master-port", {"type": int, "help": "torchrun: master port."}),
     ("--max-restarts", {"type": int, "help": "torchrun: restarts before failing."}),
 ]
+TORCHRUN_KEYS = frozenset(flag[2:].replace("-", "_") for flag, _ in TORCHRUN_OPTIONS)
+"""The click parameter names of ``TORCHRUN_OPTIONS``."""
 
 
 def torchrun_argv(torchrun: dict[str, Any]) -> list[str]:
