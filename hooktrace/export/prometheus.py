@@ -28,7 +28,6 @@ import math
 import os
 import socket
 import sys
-import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from socketserver import ThreadingMixIn
@@ -48,6 +47,7 @@ from prometheus_client.samples import Exemplar
 
 from hooktrace._aggregate.snapshot import Histogram, MetricsSnapshot, RankInfo
 from hooktrace.errors import HooktraceError
+from hooktrace.export.files import write_json_atomic
 
 if TYPE_CHECKING:
     from hooktrace._aggregate.step_record import StepRecord
@@ -268,17 +268,7 @@ def write_target(out_dir: str, target: str, run_id: str, rank: int) -> None:
             entries = [e for e in entries if e.get("labels") != labels]
             entries.append({"targets": [target], "labels": labels})
             entries.sort(key=_entry_order)
-            fd, tmp = tempfile.mkstemp(prefix=".targets.", suffix=".json", dir=out_dir)
-            try:
-                os.fchmod(fd, 0o644)  # Prometheus often runs as another user
-                with os.fdopen(fd, "w") as f:
-                    json.dump(entries, f, indent=2)
-                    f.write("\n")
-                os.replace(tmp, path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
+            write_json_atomic(path, entries)  # world-readable: Prometheus often runs as another user
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
