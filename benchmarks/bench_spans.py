@@ -40,7 +40,7 @@ class _Capture:
 
     def start(self) -> None: ...
 
-    def export_step(self, step: StepRecord, snapshot: object) -> None:
+    def export_step(self, step: StepRecord) -> None:
         if step.spans and step.trace_id:
             self.records.append(step)
 

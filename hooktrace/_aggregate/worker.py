@@ -180,11 +180,9 @@ class Worker:
         now = time.monotonic()
         if self._snapshot is None or now - self._snapshot_at >= SNAPSHOT_INTERVAL_S:
             self._refresh_snapshot(now)
-        snapshot = self._snapshot
-        assert snapshot is not None
         for exporter in self.exporters:
             try:
-                exporter.export_step(record, snapshot)
+                exporter.export_step(record)
             except Exception:
                 self.stats.export_errors[exporter.name] += 1
         if self._on_record is not None:

@@ -23,8 +23,8 @@ class Exporter(Protocol):
     def start(self) -> None:
         """Open files or sockets. Raises ``HooktraceError`` with a fix-it message on setup errors."""
 
-    def export_step(self, step: StepRecord, snapshot: MetricsSnapshot) -> None:
-        """Consume one aggregated optimizer step, with the latest snapshot (at most 0.5 s old)."""
+    def export_step(self, step: StepRecord) -> None:
+        """Consume one aggregated optimizer step."""
 
     def refresh(self, snapshot: MetricsSnapshot) -> None:
         """A fresh snapshot was built (throttled, and at every flush and close)."""

@@ -41,7 +41,7 @@ class StepsJsonlExporter:
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         self._file = open(self.path, "w", encoding="utf-8")  # noqa: SIM115 - lives as long as the run
 
-    def export_step(self, step: StepRecord, snapshot: MetricsSnapshot) -> None:
+    def export_step(self, step: StepRecord) -> None:
         if self._file is None:
             return
         record = step.as_json()

@@ -343,7 +343,7 @@ class OtelExporter:
             return rank in self.ranks
         return self.info.world_size <= AUTO_ALL_RANKS or rank == 0 or rank == self.slowest_rank
 
-    def export_step(self, step: StepRecord, snapshot: MetricsSnapshot | None = None) -> None:
+    def export_step(self, step: StepRecord) -> None:
         tracer = self._tracer
         if tracer is not None and step.spans and step.trace_id:
             _StepSpans(self, tracer, step).emit()

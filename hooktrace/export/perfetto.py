@@ -95,7 +95,7 @@ class PerfettoExporter:
             }
         )
 
-    def export_step(self, step: StepRecord, snapshot: MetricsSnapshot) -> None:
+    def export_step(self, step: StepRecord) -> None:
         if not step.spans:
             return
         self._pending = []

@@ -354,8 +354,8 @@ class PrometheusExporter:
             "choose another --metrics-port, or --metrics-port 0 to turn it off"
         )
 
-    def export_step(self, step: StepRecord, snapshot: MetricsSnapshot) -> None:
-        self.collector.update(snapshot)
+    def export_step(self, step: StepRecord) -> None:
+        """Nothing per step: scrapes read the snapshot ``refresh`` hands over."""
 
     def refresh(self, snapshot: MetricsSnapshot) -> None:
         self.collector.update(snapshot)

@@ -55,7 +55,7 @@ class _Capture:
 
     def start(self) -> None: ...
 
-    def export_step(self, step: StepRecord, snapshot: object) -> None:
+    def export_step(self, step: StepRecord) -> None:
         self.records.append(step)
 
     def refresh(self, snapshot: object) -> None: ...

@@ -10,7 +10,6 @@ import socket
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, cast
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
@@ -242,7 +241,7 @@ def test_exporter_serves_text_and_openmetrics_over_http(exporters: list[Promethe
     exporters.append(exporter)
     exporter.start()
     assert exporter.port == port
-    exporter.export_step(cast(Any, None), make_snapshot())
+    exporter.refresh(make_snapshot())
     url = f"http://127.0.0.1:{port}/metrics"
     with urllib.request.urlopen(url, timeout=5) as response:
         assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")

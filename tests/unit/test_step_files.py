@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from hooktrace._aggregate.snapshot import MetricsSnapshot
 from hooktrace._aggregate.step_record import StepEvent, StepRecord
 from hooktrace.export.jsonl import StepsJsonlExporter
 
@@ -34,9 +33,8 @@ def _reject(name: str) -> None:
 def test_a_non_finite_number_is_written_as_null_and_every_line_stays_strict_json(tmp_path: Path) -> None:
     exporter = StepsJsonlExporter(str(tmp_path / "rank0.steps.jsonl"))
     exporter.start()
-    snapshot = MetricsSnapshot.__new__(MetricsSnapshot)  # the JSONL exporter never reads it
-    exporter.export_step(_record(1, 0.0004, 2.5), snapshot)
-    exporter.export_step(_record(2, float("nan"), float("inf")), snapshot)
+    exporter.export_step(_record(1, 0.0004, 2.5))
+    exporter.export_step(_record(2, float("nan"), float("inf")))
     exporter.close()
     lines = (tmp_path / "rank0.steps.jsonl").read_text(encoding="utf-8").splitlines()
     first, second = (json.loads(line, parse_constant=_reject) for line in lines)
