@@ -70,7 +70,6 @@ class StepProcessor:
         if not buf.events and buf.anchor is not None and buf.clock is not None and buf.clock.kind == "cuda":
             buf.clock.release([buf.anchor[0]])  # back to the event pool (with events, _spans did it)
         if buf.hook_errors:
-            record.hook_errors = buf.hook_errors
             record.events.append(StepEvent("hook_error", "__total__", "unknown", float(buf.hook_errors)))
         return record
 

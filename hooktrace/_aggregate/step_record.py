@@ -75,7 +75,6 @@ class StepRecord:
     spans: list[ModuleSpan] = field(default_factory=list)
     events: list[StepEvent] = field(default_factory=list)
     trace_id: str | None = None
-    hook_errors: int = 0
     overhead_s: float = 0.0
 
     @property

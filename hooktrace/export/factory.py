@@ -35,7 +35,6 @@ def make_exporters(agent: Agent) -> list[Exporter]:
 
         exporters.append(
             PrometheusExporter(
-                None,
                 addr=cfg.metrics_addr,
                 base_port=cfg.metrics_port,
                 local_rank=agent.info.local_rank,

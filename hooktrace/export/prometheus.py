@@ -284,7 +284,6 @@ class PrometheusExporter:
 
     def __init__(
         self,
-        collector: HooktraceCollector | None,
         *,
         addr: str,
         base_port: int,
@@ -292,7 +291,7 @@ class PrometheusExporter:
         out_dir: str | None,
         info: RankInfo,
     ) -> None:
-        self.collector = collector if collector is not None else HooktraceCollector(info)
+        self.collector = HooktraceCollector(info)
         self.addr = addr
         self.base_port = base_port
         self.local_rank = local_rank

@@ -237,7 +237,7 @@ def test_a_second_collector_on_the_same_registry_is_refused() -> None:
 
 def test_exporter_serves_text_and_openmetrics_over_http(exporters: list[PrometheusExporter]) -> None:
     port = free_port()
-    exporter = PrometheusExporter(None, addr="127.0.0.1", base_port=port, local_rank=0, out_dir=None, info=INFO)
+    exporter = PrometheusExporter(addr="127.0.0.1", base_port=port, local_rank=0, out_dir=None, info=INFO)
     exporters.append(exporter)
     exporter.start()
     assert exporter.port == port
@@ -265,9 +265,7 @@ def test_a_taken_port_falls_back_to_the_next_with_one_stderr_line(
         squatter.bind(("127.0.0.1", 0))
         squatter.listen()
         taken = squatter.getsockname()[1]
-        exporter = PrometheusExporter(
-            None, addr="127.0.0.1", base_port=taken, local_rank=0, out_dir=str(tmp_path), info=INFO
-        )
+        exporter = PrometheusExporter(addr="127.0.0.1", base_port=taken, local_rank=0, out_dir=str(tmp_path), info=INFO)
         exporters.append(exporter)
         exporter.start()
     assert exporter.port is not None and exporter.port > taken
@@ -290,9 +288,7 @@ def test_local_ranks_of_a_node_share_targets_json(tmp_path: Path) -> None:
 
 
 def test_binding_every_interface_publishes_the_hostname(exporters: list[PrometheusExporter], tmp_path: Path) -> None:
-    exporter = PrometheusExporter(
-        None, addr="0.0.0.0", base_port=free_port(), local_rank=0, out_dir=str(tmp_path), info=INFO
-    )
+    exporter = PrometheusExporter(addr="0.0.0.0", base_port=free_port(), local_rank=0, out_dir=str(tmp_path), info=INFO)
     exporters.append(exporter)
     exporter.start()
     targets = json.loads((tmp_path / "targets.json").read_text())
@@ -300,7 +296,7 @@ def test_binding_every_interface_publishes_the_hostname(exporters: list[Promethe
 
 
 def test_port_zero_means_off_and_close_is_idempotent(tmp_path: Path) -> None:
-    exporter = PrometheusExporter(None, addr="127.0.0.1", base_port=0, local_rank=3, out_dir=str(tmp_path), info=INFO)
+    exporter = PrometheusExporter(addr="127.0.0.1", base_port=0, local_rank=3, out_dir=str(tmp_path), info=INFO)
     exporter.start()
     assert exporter.port is None
     assert not (tmp_path / "targets.json").exists()
@@ -309,9 +305,7 @@ def test_port_zero_means_off_and_close_is_idempotent(tmp_path: Path) -> None:
 
 
 def test_an_unusable_address_raises_a_fix_it_error() -> None:
-    exporter = PrometheusExporter(
-        None, addr="203.0.113.7", base_port=free_port(), local_rank=0, out_dir=None, info=INFO
-    )
+    exporter = PrometheusExporter(addr="203.0.113.7", base_port=free_port(), local_rank=0, out_dir=None, info=INFO)
     with pytest.raises(HooktraceError, match="--metrics-addr"):
         exporter.start()
 

@@ -76,9 +76,7 @@ def free_port() -> int:
 @pytest.fixture
 def exporter(tmp_path: Path) -> Iterator[PrometheusExporter]:
     """A rank serving the collector on loopback, as ``hooktrace run`` starts it (targets.json included)."""
-    exp = PrometheusExporter(
-        None, addr="127.0.0.1", base_port=free_port(), local_rank=0, out_dir=str(tmp_path), info=INFO
-    )
+    exp = PrometheusExporter(addr="127.0.0.1", base_port=free_port(), local_rank=0, out_dir=str(tmp_path), info=INFO)
     exp.collector.update(snapshot(40))
     exp.start()
     yield exp
