@@ -41,7 +41,11 @@ class StepProcessor:
             buf.marks.extend((M_AR_END, t) for t in done)
         start = buf.start_ns or (buf.marks[0][1] if buf.marks else buf.end_ns)
         end = max(buf.end_ns, start)
-        intervals = phase_intervals(start, end, buf.marks)
+        spans = self._spans(buf) if buf.events else []
+        marks = buf.marks
+        if spans and (buf.clock is None or buf.clock.kind == "cpu"):
+            marks = _align_backward_marks(marks, spans)
+        intervals = phase_intervals(start, end, marks)
         record = StepRecord(
             step=buf.number,
             rank=self.rank,
@@ -55,15 +59,10 @@ class StepProcessor:
             optimizer_steps=buf.optimizer_steps,
             skipped=buf.skipped,
             overhead_s=buf.overhead_ns / 1e9,
+            spans=spans,
         )
         if buf.sampled and self.trace_id is not None:
             record.trace_id = self.trace_id(buf.number)
-        if buf.events:
-            record.spans = self._spans(buf)
-            if buf.clock is None or buf.clock.kind == "cpu":
-                aligned = _align_backward_marks(buf.marks, record.spans)
-                record.phase_spans = phase_intervals(start, end, aligned)
-                record.phases = phase_durations(record.phase_spans)
         self._gradients(buf, record)
         if buf.skipped:
             record.events.append(StepEvent("amp_skip", "__total__", "optimizer"))
