@@ -6,6 +6,7 @@ the latest snapshot at scrape time (cheap writes, work at read time).
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from dataclasses import dataclass, field
 
 STEP_BUCKETS: tuple[float, ...] = tuple(0.001 * 2**k for k in range(17))
@@ -39,14 +40,13 @@ class Histogram:
         if not self.counts:
             self.counts = [0] * (len(self.bounds) + 1)
 
+    def bucket_of(self, value: float) -> int:
+        """Index of the bucket ``value`` falls into (``le`` is inclusive); the last is +Inf (NaN too)."""
+        return bisect_left(self.bounds, value) if value == value else len(self.bounds)
+
     def observe(self, value: float, trace_id: str | None = None) -> None:
         """Add one observation; the last slot is the +Inf bucket."""
-        index = len(self.bounds)
-        for i, bound in enumerate(self.bounds):
-            if value <= bound:
-                index = i
-                break
-        self.counts[index] += 1
+        self.counts[self.bucket_of(value)] += 1
         self.sum += value
         self.count += 1
         if trace_id is not None:

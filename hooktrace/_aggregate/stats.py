@@ -60,7 +60,6 @@ class RankStats:
     type_hist: dict[tuple[str, str], Histogram] = field(default_factory=dict)
     grad_norms: dict[str, float] = field(default_factory=dict)
     grad_norm_ratio: float | None = None
-    last_grad_norm: float | None = None
     counters: Counter[str] = field(default_factory=Counter)
     nonfinite_events: Counter[tuple[str, str]] = field(default_factory=Counter)
     grad_clips: Counter[str] = field(default_factory=Counter)
@@ -97,8 +96,6 @@ class RankStats:
         if record.spans:
             self.sampled_steps += 1
             self._add_spans(record)
-        if record.grad_norm is not None:
-            self.last_grad_norm = record.grad_norm
         self.grad_norms.update(record.module_grad_norms)
         if record.grad_norm is not None:
             self.grad_norms["__total__"] = record.grad_norm
@@ -186,7 +183,7 @@ class RankStats:
             "busy_time_s": statistics.median(self.recent_busy) if self.recent_busy else None,
             "phases": phases,
             "phase_totals_s": dict(self.phase_totals),
-            "grad_norm": self.last_grad_norm,
+            "grad_norm": self.grad_norms.get("__total__"),
             "overhead_ratio": self.overhead_s / self.train_time_s if self.train_time_s > 0 else 0.0,
             "hook_errors": self.hook_errors,
             "dropped": dict(self.dropped),

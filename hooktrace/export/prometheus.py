@@ -116,7 +116,7 @@ def _buckets(hist: Histogram) -> list[_Bucket]:
     buckets: list[_Bucket] = list(hist.cumulative())
     if hist.exemplar is not None and math.isfinite(hist.exemplar[1]):
         trace_id, value = hist.exemplar
-        index = next((i for i, bound in enumerate(hist.bounds) if value <= bound), len(hist.bounds))
+        index = hist.bucket_of(value)
         le, count = buckets[index][:2]
         buckets[index] = (le, count, Exemplar({"trace_id": trace_id}, value))
     return buckets

@@ -317,3 +317,12 @@ def test_both_exposition_formats_parse_back_with_the_reference_parsers() -> None
     registry = registry_for(make_snapshot())
     assert len(list(parse_text(generate_latest(registry).decode()))) == len(DESIGN_TYPES)
     assert len(list(parse_openmetrics(generate_openmetrics(registry).decode()))) == len(DESIGN_TYPES)
+
+
+def test_histogram_buckets_are_inclusive_upper_bounds() -> None:
+    from hooktrace._aggregate.snapshot import Histogram
+
+    hist = Histogram((0.001, 0.002, 0.004))
+    for value in (0.0005, 0.001, 0.0011, 0.004, 5.0, float("nan")):
+        hist.observe(value)
+    assert hist.counts == [2, 1, 1, 2]  # le=0.001 holds 0.001 itself; 5 s and NaN land in +Inf
