@@ -406,3 +406,24 @@ def test_watch_names_on_a_ddp_model_are_the_inner_models_names(tmp_path: Path) -
         dist.destroy_process_group()
     assert rows[("out", "forward")]["steps"] == 3  # the watched module: every step
     assert all("block.0.weight" in s.get("param_grad_norms", {}) for s in read_steps(tmp_path))
+
+
+def test_a_full_step_queue_drops_and_counts_steps_without_blocking_training(tmp_path: Path) -> None:
+    import threading
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1))
+    agent = hooktrace.attach(model, out=str(tmp_path), metrics_port=0, queue_size=4)
+    release = threading.Event()
+    process = agent.worker.processor.process
+
+    def stuck(buf: Any) -> Any:  # a worker that cannot keep up
+        release.wait(10)
+        return process(buf)
+
+    agent.worker.processor.process = stuck  # type: ignore[method-assign]
+    _train(model, 20)  # returns although the worker is stuck
+    release.set()
+    summary = agent.close()
+    dropped = summary.ranks[0]["dropped"]["steps"]
+    assert dropped >= 10
+    assert len(read_steps(tmp_path)) == 20 - dropped
