@@ -7,6 +7,7 @@ slow lives in ``_aggregate`` and ``export`` on the worker thread.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import sys
 import threading
@@ -102,7 +103,7 @@ class Agent:
     def __init__(self, config: Config | None = None, **overrides: Any) -> None:
         self.config = config if config is not None and not overrides else Config.resolve(overrides)
         if config is not None and overrides:
-            self.config = Config.resolve({**{k: getattr(config, k) for k in config.__slots__}, **overrides})
+            self.config = Config.resolve({**dataclasses.asdict(config), **overrides})
         cfg = self.config
         self.placement = placement()
         self.out_dir = cfg.out_dir()
@@ -336,7 +337,7 @@ class Agent:
             clock = clock_for(root)
             self.recorder.set_device_clock(clock)
             device = next(root.parameters()).device.type
-            self.info = RankInfo(**{**{k: getattr(self.info, k) for k in self.info.__slots__}, "device": device})
+            self.info = dataclasses.replace(self.info, device=device)
             self.stats.info = self.info
         label = "" if not self.recorder.table.roots else self._root_label(root)
         self.recorder.index_root(root, label, descend=not compiled)

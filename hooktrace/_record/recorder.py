@@ -85,6 +85,7 @@ class Recorder:
         self._full_hooks: list[tuple[Callable[..., None], Callable[..., None]]] = []
         self._active: dict[int, HookSet | ForwardHookPair] = {}
         self._pairs: list[ForwardHookPair | None] = []
+        self._full_forward: dict[int, tuple[Callable[..., None], ...]] = {}
         self._direct = direct_hooks_supported()
         self._pinned: set[int] = set()
         self._root_labels: dict[int, tuple[str, bool]] = {}
@@ -231,20 +232,15 @@ class Recorder:
         return time.perf_counter_ns() - start
 
     def _register(self, index: int) -> None:
-        use_full = (
-            self.backward == "full"
-            and self.preflight is not None
-            and self.preflight.done
-            and index not in self.full_skipped
-        )
+        use_full = self.preflight is not None and self.preflight.done and index not in self.full_skipped
         pair = self._pairs[index]
         if pair is not None and not use_full:
             pair.add()
             self._active[index] = pair
             return
         forward = self._forward_hooks[index]
-        if use_full:
-            forward = make_forward_hooks(self, index, tensor_backward=False)
+        if use_full:  # full backward hooks time backward: forward hooks without tensor hooks
+            forward = self._full_forward.setdefault(index, make_forward_hooks(self, index, tensor_backward=False))
         self._active[index] = register_module_hooks(
             self.modules[index], forward, self._full_hooks[index] if use_full else None
         )
