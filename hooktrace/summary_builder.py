@@ -20,11 +20,8 @@ _CONTAINERS = {"ModuleList", "ModuleDict", "ParameterList", "ParameterDict"}
 def build_summary(agent: Agent) -> RunSummary:
     """This rank's summary so far. Reads the worker's aggregates (call after the worker drained)."""
     stats = agent.stats
+    agent.worker.sync_drops()
     rank = stats.rank_summary()
-    rank["dropped"] = {
-        **rank["dropped"],
-        **({"steps": agent.worker.dropped_steps} if agent.worker.dropped_steps else {}),
-    }
     table = agent.recorder.table
     called = {row["module"] for row in stats.module_rows()}
     never = (

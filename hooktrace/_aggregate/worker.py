@@ -173,7 +173,6 @@ class Worker:
 
     def _handle_step(self, buf: StepBuffer) -> None:
         record = self.processor.process(buf)
-        self.stats.dropped["steps"] = self.dropped_steps
         if buf.dropped_events:
             self.stats.dropped["module_events"] += buf.dropped_events
         self.stats.add(record)
@@ -188,8 +187,15 @@ class Worker:
         if self._on_record is not None:
             self._on_record(record)
 
+    def sync_drops(self) -> None:
+        """Copy the count of steps the training thread dropped into the stats (worker thread, or
+        after the worker stopped): before every snapshot and every summary."""
+        if self.dropped_steps:
+            self.stats.dropped["steps"] = self.dropped_steps
+
     def _refresh_snapshot(self, now: float) -> None:
         """Build a fresh snapshot and hand it to every exporter (throttled: copying is not free)."""
+        self.sync_drops()
         self._snapshot = self.stats.snapshot()
         self._snapshot_at = now
         for exporter in self.exporters:
