@@ -75,12 +75,17 @@ class RunSummary:
         return render_summary(self, top)
 
 
+def busy_time(rank: dict[str, Any]) -> Any:
+    """A rank's busy time (step time minus exposed all-reduce wait), its step time if unknown."""
+    return rank.get("busy_time_s") or rank.get("step_time_s")
+
+
 def find_straggler(ranks: list[dict[str, Any]], modules: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The slowest rank when it is clearly slower than the median rank, with where it loses time.
 
     Ranks are compared by busy time (step time minus exposed all-reduce wait): in synchronous
     data parallelism all step times are equal, the fast ranks wait for the slow one."""
-    times = [(r["rank"], r.get("busy_time_s") or r["step_time_s"]) for r in ranks if r.get("step_time_s")]
+    times = [(r["rank"], busy_time(r)) for r in ranks if r.get("step_time_s")]
     if len(times) < 2:
         return None
     median = statistics.median(t for _, t in times)

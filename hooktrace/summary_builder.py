@@ -7,7 +7,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from hooktrace.export.files import write_json_atomic
-from hooktrace.summary import RunSummary, merge_summaries
+from hooktrace.summary import RunSummary, busy_time, merge_summaries
 
 if TYPE_CHECKING:
     from hooktrace.agent import Agent
@@ -59,19 +59,25 @@ def slowest_rank(out_dir: str) -> int | None:
     ranks that share an output directory (a node, or a shared filesystem) read each other's.
     """
     busiest: tuple[float, int] | None = None
-    for name in os.listdir(out_dir) if os.path.isdir(out_dir) else []:
-        if not (name.startswith("rank") and name.endswith(".summary.json")):
-            continue
-        try:
-            with open(os.path.join(out_dir, name), encoding="utf-8") as handle:
-                ranks = json.load(handle).get("ranks", [])
-        except (OSError, ValueError):
-            continue
-        for row in ranks:
-            busy = row.get("busy_time_s") or row.get("step_time_s")
+    for part in rank_summaries(out_dir):
+        for row in part.get("ranks", []):
+            busy = busy_time(row)
             if busy is not None and (busiest is None or busy > busiest[0]):
                 busiest = (busy, row["rank"])
     return busiest[1] if busiest else None
+
+
+def rank_summaries(out_dir: str) -> list[dict[str, Any]]:
+    """Every readable ``rank<r>.summary.json`` in ``out_dir`` (one being rewritten is skipped)."""
+    parts = []
+    for name in sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []:
+        if name.startswith("rank") and name.endswith(".summary.json"):
+            try:
+                with open(os.path.join(out_dir, name), encoding="utf-8") as handle:
+                    parts.append(json.load(handle))
+            except (OSError, ValueError):
+                continue
+    return parts
 
 
 def rank_summary_path(out_dir: str, rank: int) -> str:
@@ -123,14 +129,7 @@ def gradient_consistency(out_dir: str, tolerance: float = 1e-5, keep: int = 20) 
 
 def merge_dir(out_dir: str, check_gradients: bool = False) -> dict[str, Any]:
     """Merge every ``rank<r>.summary.json`` in ``out_dir`` (and compare ranks' gradient norms)."""
-    parts = []
-    for name in sorted(os.listdir(out_dir)):
-        if name.startswith("rank") and name.endswith(".summary.json"):
-            try:
-                with open(os.path.join(out_dir, name), encoding="utf-8") as handle:
-                    parts.append(json.load(handle))
-            except (OSError, ValueError):
-                continue
+    parts = rank_summaries(out_dir)
     if not parts:
         return {}
     merged = merge_summaries(parts)
