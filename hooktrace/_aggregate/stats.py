@@ -56,7 +56,6 @@ class RankStats:
     time, and the straggler is the rank that the others wait for."""
     recent_phases: dict[str, deque[float]] = field(default_factory=dict)
     modules: dict[tuple[int, str], ModuleTotals] = field(default_factory=dict)
-    module_label_sums: dict[tuple[str, str], list[float]] = field(default_factory=dict)
     type_hist: dict[tuple[str, str], Histogram] = field(default_factory=dict)
     grad_norms: dict[str, float] = field(default_factory=dict)
     grad_norm_ratio: float | None = None
@@ -125,9 +124,6 @@ class RankStats:
             if key not in seen:
                 totals.steps += 1
                 seen.add(key)
-            sums = self.module_label_sums.setdefault((span.label, span.phase), [0.0, 0])
-            sums[0] += inclusive / 1e9
-            sums[1] += 1
             hist = self.type_hist.get((span.module_type, span.phase))
             if hist is None:
                 hist = self.type_hist[(span.module_type, span.phase)] = Histogram(MODULE_TYPE_BUCKETS)
@@ -144,6 +140,15 @@ class RankStats:
         else:
             self.dropped["events"] += 1
 
+    def _label_durations(self) -> dict[tuple[str, str], tuple[float, int]]:
+        """(label, phase) -> (seconds, calls): the module totals summed by metric label."""
+        sums: dict[tuple[str, str], list[int]] = {}
+        for totals in self.modules.values():
+            entry = sums.setdefault((totals.label, totals.phase), [0, 0])
+            entry[0] += totals.total_ns
+            entry[1] += totals.calls
+        return {key: (ns / 1e9, calls) for key, (ns, calls) in sums.items()}
+
     def snapshot(self) -> MetricsSnapshot:
         """An immutable copy for exporters (swapped in after each step)."""
         return MetricsSnapshot(
@@ -151,7 +156,7 @@ class RankStats:
             steps_total=self.steps,
             step_duration=self.step_hist.copy(),
             phase_duration={phase: hist.copy() for phase, hist in self.phase_hist.items()},
-            module_duration={key: (value[0], int(value[1])) for key, value in self.module_label_sums.items()},
+            module_duration=self._label_durations(),
             module_type_duration={key: hist.copy() for key, hist in self.type_hist.items()},
             grad_norm=dict(self.grad_norms),
             grad_norm_ratio=self.grad_norm_ratio,
