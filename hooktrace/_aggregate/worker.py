@@ -189,9 +189,9 @@ class Worker:
 
     def sync_drops(self) -> None:
         """Copy the count of steps the training thread dropped into the stats (worker thread, or
-        after the worker stopped): before every snapshot and every summary."""
-        if self.dropped_steps:
-            self.stats.dropped["steps"] = self.dropped_steps
+        after the worker stopped): before every snapshot and every summary. Zero too: a
+        ``hooktrace_dropped_total{what="steps"}`` series exists from the start."""
+        self.stats.dropped["steps"] = self.dropped_steps
 
     def _refresh_snapshot(self, now: float) -> None:
         """Build a fresh snapshot and hand it to every exporter (throttled: copying is not free)."""
