@@ -25,7 +25,6 @@ def make_exporters(agent: Agent) -> list[Exporter]:
                 os.path.join(agent.out_dir, f"rank{rank}.trace.json"),
                 rank=rank,
                 max_events=cfg.max_trace_events,
-                wall_offset_ns=agent._wall_offset_ns,
                 run_id=agent.info.run_id,
                 stats=agent.stats,
             )

@@ -26,12 +26,13 @@ class PerfettoExporter:
     name = "perfetto"
 
     def __init__(
-        self, path: str, rank: int, max_events: int, wall_offset_ns: int, run_id: str, stats: RankStats | None = None
+        self, path: str, rank: int, max_events: int, run_id: str, stats: RankStats | None = None
     ) -> None:
         self.path = path
         self.rank = rank
         self.max_events = max_events
-        self.wall_offset_ns = wall_offset_ns
+        self.wall_offset_ns = 0
+        """Host monotonic clock -> wall clock, from each step record (``wall_start_ns``)."""
         self.run_id = run_id
         self.written = 0
         self.dropped = 0
@@ -107,6 +108,7 @@ class PerfettoExporter:
             self._pending = None
 
     def _export(self, step: StepRecord) -> None:
+        self.wall_offset_ns = step.wall_start_ns - step.start_ns
         self._complete(
             f"step {step.step}",
             "step",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from hooktrace._aggregate.step_record import StepEvent, StepRecord
@@ -70,4 +71,5 @@ def test_trace_events_are_strict_json_even_for_module_names_that_need_escaping(t
     assert forward["args"]["module"] == odd and forward["args"]["module_type"] == "Linear"
     assert set(forward) == {"name", "cat", "ph", "ts", "dur", "pid", "tid", "args"}
     assert forward["dur"] >= 0 and forward["args"]["self_us"] <= forward["dur"] + 1e-6
+    assert abs(forward["ts"] / 1e6 - time.time()) < 60  # wall-clock microseconds: ranks line up
     assert any(e["name"] == f"backward {odd}" for e in events)
