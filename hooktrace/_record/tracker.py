@@ -186,20 +186,25 @@ class StepTracker:
             self.rec.preflight_finished = False
         self.rec.check_outputs = False
         nxt = StepBuffer(number=number, sampled=sampled, start_ns=end, marks=carry)
-        nxt.clock = self.rec.clock
-        if sampled or self.rec.pinned:  # an anchor maps this step's device stamps to host time
-            nxt.anchor = self.rec.clock.anchor()
         self._pending_close = False
         self._backward_since_optimizer = False
         self.closed_steps += 1
         self.rec.buf = nxt
-        if sampled:
-            self._begin_sampled(nxt)
+        self._open(nxt)
         if sampled != buf.sampled:
             self._on_sampling(sampled)
         buf.overhead_ns += _now() - t0
         self._on_step(buf)
         return buf
+
+    def _open(self, buf: StepBuffer) -> None:
+        """A step begins: its clock, an anchor that maps its device stamps to host time (sampled
+        and pinned steps), and on sampled steps the module hooks."""
+        buf.clock = self.rec.clock
+        if buf.sampled or self.rec.pinned:
+            buf.anchor = self.rec.clock.anchor()
+        if buf.sampled:
+            self._begin_sampled(buf)
 
     def _begin_sampled(self, buf: StepBuffer) -> None:
         start = _now()
@@ -303,13 +308,9 @@ class StepTracker:
         if self._pending_close:
             self.close_step()
             buf = self.rec.buf
-        if buf.start_ns == 0:
+        if buf.start_ns == 0:  # the first step: its buffer was made before any clock was chosen
             buf.start_ns = now
-            buf.clock = self.rec.clock
-            if buf.sampled or self.rec.pinned:
-                buf.anchor = self.rec.clock.anchor()
-            if buf.sampled and not self._active:
-                self._begin_sampled(buf)
+            self._open(buf)
         buf.marks.append((M_FWD, now))
         buf.micro_batches += 1
 
