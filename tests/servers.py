@@ -168,31 +168,59 @@ class ServerProcess:
         self.stop()
 
 
+def prom_query(url: str, promql: str) -> list[dict[str, Any]]:
+    """Instant query against the Prometheus at ``url``; ``data.result``."""
+    body = http_get_json(f"{url}/api/v1/query?" + urllib.parse.urlencode({"query": promql}))
+    if body.get("status") != "success":
+        raise RuntimeError(f"query {promql!r} failed: {body}")
+    result: list[dict[str, Any]] = body["data"]["result"]
+    return result
+
+
+def wait_for_series(
+    url: str,
+    promql: str,
+    timeout: float,
+    *,
+    run: subprocess.Popen[bytes] | None = None,
+    run_log: Path | None = None,
+    server_log: str = "",
+) -> list[dict[str, Any]]:
+    """Poll ``promql`` until it returns a series; fail with the targets' health and the logs on
+    timeout, or as soon as ``run`` (the scraped job) has exited."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = prom_query(url, promql)
+        if result:
+            return result
+        exited = run is not None and run.poll() is not None
+        if exited or time.monotonic() > deadline:
+            targets = http_get_json(f"{url}/api/v1/targets")["data"]["activeTargets"]
+            health = [{k: t.get(k) for k in ("scrapeUrl", "health", "lastError")} for t in targets]
+            why = f"the run exited with {run.returncode}" if exited and run is not None else f"{timeout}s passed"
+            log = run_log.read_text(errors="replace")[-4000:] if run_log is not None else server_log
+            raise AssertionError(f"no result for {promql!r} ({why}); targets: {health}\nlog:\n{log}")
+        time.sleep(0.25)
+
+
 class PrometheusServer(ServerProcess):
     """A running ``prometheus``; query it through its HTTP API."""
 
     def query(self, promql: str) -> list[dict[str, Any]]:
         """Run an instant query now and return ``data.result`` (a list of series for a vector)."""
-        url = f"{self.url}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
-        body = http_get_json(url)
-        if body.get("status") != "success":
-            raise RuntimeError(f"query {promql!r} failed: {body}")
-        result: list[dict[str, Any]] = body["data"]["result"]
-        return result
+        return prom_query(self.url, promql)
 
-    def wait_for(self, promql: str, timeout: float = 30.0) -> list[dict[str, Any]]:
-        """Poll ``promql`` until it returns something, and return that; raise AssertionError on timeout."""
-        deadline = time.monotonic() + timeout
-        while True:
-            result = self.query(promql)
-            if result:
-                return result
-            if time.monotonic() > deadline:
-                raise AssertionError(
-                    f"no result for {promql!r} after {timeout}s; targets: {self.targets_health()}\n"
-                    f"prometheus log:\n{self.log_tail()}"
-                )
-            time.sleep(0.25)
+    def wait_for(
+        self,
+        promql: str,
+        timeout: float = 30.0,
+        *,
+        run: subprocess.Popen[bytes] | None = None,
+        run_log: Path | None = None,
+    ) -> list[dict[str, Any]]:
+        """Poll ``promql`` until it returns something, and return that; raise AssertionError on
+        timeout, or at once when ``run`` (the job being scraped) exits, with its log."""
+        return wait_for_series(self.url, promql, timeout, run=run, run_log=run_log, server_log=self.log_tail())
 
     def targets_health(self) -> list[dict[str, Any]]:
         """Return each active target's scrape URL, health and last error (for failure messages)."""

@@ -176,22 +176,6 @@ class LiveRun:
     log: Path
 
 
-def _wait_for(
-    prometheus: PrometheusServer, run: subprocess.Popen[bytes], log: Path, promql: str, deadline: float
-) -> None:
-    """Poll promql until it returns a series; fail with the run's log if the run exits or time runs out."""
-    while not prometheus.query(promql):
-        if run.poll() is not None:
-            tail = log.read_text(errors="replace")[-4000:]
-            raise AssertionError(f"hooktrace run exited with {run.returncode} before {promql!r}:\n{tail}")
-        if time.monotonic() > deadline:
-            raise AssertionError(
-                f"no {promql!r} in time; targets: {prometheus.targets_health()}\n"
-                f"run log:\n{log.read_text(errors='replace')[-4000:]}"
-            )
-        time.sleep(0.5)
-
-
 def _stop(run: subprocess.Popen[bytes]) -> None:
     if run.poll() is None:
         run.terminate()
@@ -225,9 +209,9 @@ def live_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveRun]:
                 # Half way: the counters have moved over several scrapes (the last step of a run
                 # may only be counted when it closes, so never wait for STEPS itself).
                 under_way = f'hooktrace_steps_total{{run_id="{run_id}"}} >= {STEPS // 2}'
-                _wait_for(prometheus, run, log, under_way, deadline)
+                prometheus.wait_for(under_way, deadline - time.monotonic(), run=run, run_log=log)
                 rules = f'hooktrace:step_duration_seconds:mean5m{{run_id="{run_id}"}}'
-                _wait_for(prometheus, run, log, rules, deadline)
+                prometheus.wait_for(rules, deadline - time.monotonic(), run=run, run_log=log)
                 yield LiveRun(prometheus, run_id, log)
             finally:
                 _stop(run)

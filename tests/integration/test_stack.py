@@ -16,7 +16,7 @@ from pathlib import Path
 from click.testing import CliRunner, Result
 
 from hooktrace.cli.stack import stack_group
-from tests.servers import REPO_ROOT, free_port, http_get_json, require_binary
+from tests.servers import REPO_ROOT, free_port, http_get_json, require_binary, wait_for_series
 
 RECORDING_RULES = {
     "hooktrace:busy_seconds:mean5m",
@@ -66,21 +66,6 @@ def stack_up(state: Path, runs: Path) -> Iterator[str]:
         stack("down", "--state-dir", str(state))
 
 
-def query(url: str, promql: str) -> list[dict[str, object]]:
-    body = http_get_json(f"{url}/api/v1/query?" + urllib.parse.urlencode({"query": promql}))
-    assert body["status"] == "success", body
-    return body["data"]["result"]
-
-
-def wait_for(url: str, promql: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not query(url, promql):
-        targets = http_get_json(f"{url}/api/v1/targets")["data"]["activeTargets"]
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise AssertionError(f"no {promql} (run exit {proc.poll()}); targets: {targets}\n{log.read_text()[-3000:]}")
-        time.sleep(0.5)
-
-
 def wait_for_exemplars(url: str, selector: str, timeout: float = 30.0) -> list[str]:
     """The trace ids of the exemplars Prometheus stored for ``selector`` (it keeps them: exemplar-storage)."""
     deadline = time.monotonic() + timeout
@@ -113,7 +98,9 @@ def test_stack_up_scrapes_a_real_run_with_the_rules_loaded_and_down_leaves_no_pr
                 cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             )  # fmt: skip
         try:
-            wait_for(prometheus, 'hooktrace_steps_total{run_id="stacktest", rank="0"} > 0', proc, run_log)
+            wait_for_series(
+                prometheus, 'hooktrace_steps_total{run_id="stacktest", rank="0"} > 0', 90.0, run=proc, run_log=run_log
+            )
             trace_ids = wait_for_exemplars(prometheus, 'hooktrace_step_duration_seconds_bucket{run_id="stacktest"}')
             assert all(len(t) == 32 for t in trace_ids)
         finally:
