@@ -25,9 +25,7 @@ class PerfettoExporter:
 
     name = "perfetto"
 
-    def __init__(
-        self, path: str, rank: int, max_events: int, run_id: str, stats: RankStats | None = None
-    ) -> None:
+    def __init__(self, path: str, rank: int, max_events: int, run_id: str, stats: RankStats | None = None) -> None:
         self.path = path
         self.rank = rank
         self.max_events = max_events
