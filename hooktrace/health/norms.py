@@ -40,11 +40,11 @@ class GradNormCapture:
 
     def params(self) -> list[ParamRef]:
         """All parameters (tied ones once), refreshed when modules were added."""
-        if self._table_size != len(self.table):
+        if self._table_size != len(self.table.infos):
             self._params = [
                 ParamRef(name, param, info.index) for info in self.table.infos for name, param in info.params
             ]  # frozen ones too: their grad is None until they are unfrozen
-            self._table_size = len(self.table)
+            self._table_size = len(self.table.infos)
             self._tensors = [ref.param for ref in self._params]
             self._multi_device = len({t.device for t in self._tensors}) > 1
         return self._params
@@ -57,26 +57,22 @@ class GradNormCapture:
         ``_foreach_norm`` and one ``stack``; then ``tolist`` on CPU, a non-blocking copy to pinned
         memory on CUDA.
         """
-        self.params()  # refresh when modules were added
-        present: list[int] = []
-        grads: list[torch.Tensor] = []
-        append_pos, append_grad = present.append, grads.append
-        for i, param in enumerate(self._tensors):
-            grad = param.grad
-            if grad is not None:
-                append_pos(i)
-                append_grad(grad)
+        if self._table_size != len(self.table.infos):
+            self.params()  # modules were added
+        maybe = [param.grad for param in self._tensors]
+        present = [i for i, grad in enumerate(maybe) if grad is not None]  # frozen/unused: None
+        grads = [grad for grad in maybe if grad is not None]
         if not grads:
             return None, present, None
         with torch.no_grad() if grads[0].requires_grad else _NO_CONTEXT:  # create_graph=True only
-            norms = list(torch._foreach_norm(grads, 2, dtype=torch.float32))
-            if norms[0].device.type == "cpu" and not self._multi_device:
+            norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
+            if not self._multi_device and norms[0].is_cpu:
                 # CPU: host floats now, in one transfer (no per-parameter .item()), so a
                 # non-finite step is known before the optimizer steps and the worker needs no
                 # tensor op.
                 values: list[float] = torch.stack(norms).tolist()
                 return values, present, None
-            stacked = stack_on_one_device(norms)
+            stacked = stack_on_one_device(list(norms))
         host, ready = copy_to_host_async(stacked)
         return host, present, ready
 
