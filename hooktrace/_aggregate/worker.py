@@ -27,12 +27,6 @@ T = TypeVar("T")
 POLL_INTERVAL_S = 0.2
 """The worker wakes this often and drains in a burst: fewer wake-ups cost training less (measured:
 200 ms is cheaper than 50 ms on a 50 ms step, and the same on a 12 ms one)."""
-YIELD_S = 100e-6
-"""The worker sleeps this long after each step it processed. ``sleep(0)`` releases the GIL but
-takes it straight back before the waiting training thread wakes, which then waits for CPython's
-5 ms switch interval: a burst of processing held training for its whole length. A real sleep
-hands the GIL over, so the worker's Python runs while training is inside an op (measured: the
-worker's cost to a CNN step at ``--sample-every 1`` went from ~1.7 % to noise)."""
 FILE_FLUSH_INTERVAL_S = 0.5
 """Step files are flushed at most this often (a write per poll costs the training thread)."""
 SNAPSHOT_INTERVAL_S = 0.5
@@ -65,7 +59,6 @@ class Worker:
         self._thread = threading.Thread(target=self._run, name="hooktrace-worker", daemon=True)
         self._stop = threading.Event()
         self.poll_s = POLL_INTERVAL_S
-        self.yield_s = YIELD_S
         self._wake = threading.Event()
         self._urgent = threading.Event()
         self._urgent_done = threading.Event()
@@ -110,7 +103,7 @@ class Worker:
             while self._queue:
                 self._handle(self._queue.popleft())
                 self._processed += 1
-                time.sleep(self.yield_s)  # hand the GIL to the training thread between steps
+                time.sleep(0)  # let the training thread take the GIL between steps
             now = time.monotonic()
             urgent = self._urgent.is_set()
             if urgent or now - last_flush >= FLUSH_INTERVAL_S:
@@ -187,8 +180,6 @@ class Worker:
         if self._snapshot is None or now - self._snapshot_at >= SNAPSHOT_INTERVAL_S:
             self._refresh_snapshot(now)
         for exporter in self.exporters:
-            if record.spans:
-                time.sleep(self.yield_s)  # a sampled step is long work: hand the GIL over between parts
             try:
                 exporter.export_step(record)
             except Exception:
