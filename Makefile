@@ -33,6 +33,7 @@ check: lint typecheck test
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_overhead.py
+	$(PY) benchmarks/bench_anatomy.py
 	$(PY) benchmarks/bench_attach.py
 	$(PY) benchmarks/bench_grad_norms.py
 	$(PY) benchmarks/bench_scrape.py

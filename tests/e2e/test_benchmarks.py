@@ -1,0 +1,45 @@
+"""`make bench`'s overhead benchmarks run and report every mode (a tiny configuration: their
+figures belong to `make bench`, not to tests; this keeps them from rotting unnoticed)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def bench(script: str, *args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "warning:" not in result.stderr, result.stderr[-2000:]  # steps lost, hook errors
+    return result.stdout
+
+
+def test_overhead_benchmark_reports_each_mode_against_bare() -> None:
+    out = bench("bench_overhead.py", "--workloads", "cnn", "--rounds", "2", "--control")
+    line = next(line for line in out.splitlines() if line.startswith("overhead cnn"))
+    for mode in ("hooktrace default", "hooktrace --sample-every 1", "torch.profiler", "control: 2nd bare copy"):
+        assert re.search(re.escape(mode) + r": [+-]\d+\.\d% \[[+-]\d+\.\d, [+-]\d+\.\d\]", line), line
+
+
+def test_anatomy_benchmark_splits_step_costs() -> None:
+    out = bench("bench_anatomy.py", "--workloads", "cnn", "--steps", "20")
+    line = next(line for line in out.splitlines() if line.startswith("anatomy cnn"))
+    numbers = re.search(
+        r"every step ([+-]\d+) us .* gradient norms (\d+) us \| sampled step ([+-]\d+) us .* "
+        r"gradient-flow norms (\d+) us \| default ~(-?[\d.]+) %, norms alone ([\d.]+) %",
+        line,
+    )
+    assert numbers, line
+    capture_us, flow_us = int(numbers[2]), int(numbers[4])
+    assert capture_us > 0  # the capture ran on every unsampled step
+    assert flow_us > 0  # and the flow norms on every sampled one
