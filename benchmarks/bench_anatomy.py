@@ -1,19 +1,21 @@
-"""Where the default config's overhead goes: the cost of one unsampled and one sampled step.
+"""Where the default config's overhead goes: the agent's own time on the training thread.
 
-``bench_overhead`` gives totals; this splits them. With ``--sample-every 10``, nine steps in ten
-are unsampled, so the default's overhead is about (sampled + 9 x unsampled) / 10 of a bare step.
-Printed per workload, on the training thread (each agent's worker discards its steps, so none of
-its GIL time is counted here; ``bench_overhead`` includes it):
+``bench_overhead`` compares step times, which is the truth a user sees but moves by a percent
+between runs and between copies of a model (memory placement, page faults of the allocator).
+This times the agent's code where it runs instead, which is exact, and splits it:
 
-- ``every step``: an unsampled step's extra time, and in it the gradient-norm capture (one
-  ``_foreach_norm`` over all gradients and one host transfer, timed where it runs);
-- ``sampled step``: a sampled step's extra time (module hooks, spans' stamps), and in it the
-  gradient-flow norms (‖grad‖ of every module output and input, timed where they run);
-- ``norms alone``: the part of the default's overhead that is the gradient norms themselves,
-  i.e. (flow + 10 x capture) / 10: the floor under any faster hook machinery.
+- ``inside hooktrace``: the time spent in every hook and callback the agent registers (root
+  forward pre/post, module forward pre/post, gradient hooks, end of backward, optimizer pre/post;
+  nested calls counted once), per step on average at the default ``--sample-every 10``, and
+  for an unsampled and a sampled step;
+- ``gradient norms``: in it, the per-step ``_foreach_norm`` over all gradients and its host
+  transfer; ``flow norms``: the ‖grad‖ of every module output and input on sampled steps;
+- ``norms alone``: (flow + 10 x gradient norms) / 10 of a bare step, the floor under any faster
+  hook machinery at the default rate.
 
-Extra times are medians, over single steps alternating with a bare copy, of (agent step - mean of
-the two bare steps around it); the timed parts are medians of their own per-step totals.
+Not in it (so ``bench_overhead`` reads more): PyTorch's own cost of calling hooks (the hooked
+module call path, the autograd engine entering Python), the worker thread's share of the GIL (its
+steps are discarded here), and cache and allocator effects on the model's own work.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import argparse
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -30,102 +33,115 @@ from _models import workload
 
 import hooktrace
 import hooktrace._record.recorder as recorder_module
+from hooktrace._record.recorder import Recorder
+from hooktrace._record.tracker import StepTracker
 
 WORKLOADS = ("tiny-transformer", "transformer", "cnn")
-STEPS = {"tiny-transformer": 1500, "transformer": 600, "cnn": 1000}
-WARMUP_STEPS = 30
-NEVER = 1 << 40
-"""A ``sample_every`` no run reaches: every step after the first is unsampled."""
+STEPS = {"tiny-transformer": 1000, "transformer": 200, "cnn": 600}
+WARMUP_STEPS = 20
+SAMPLE_EVERY = 10
+ENTRY_POINTS = ("_on_root_grad", "_on_backward_end", "_optimizer_pre", "_optimizer_post")
+"""StepTracker methods registered as hooks or callbacks (the root hooks are closures)."""
 
 
-class PartTimer:
-    """Sums the time spent in one function per step."""
+class Timer:
+    """Time inside wrapped functions; a call made from inside another one is not counted twice."""
 
     def __init__(self) -> None:
-        self.current = 0
-        self.per_step: list[int] = []
+        self.total = 0
+        self._inside = False
 
     def wrap(self, fn: Callable[..., Any]) -> Callable[..., Any]:
-        def timed(*args: Any) -> Any:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            if self._inside:
+                return fn(*args, **kwargs)
+            self._inside = True
             start = time.perf_counter_ns()
             try:
-                return fn(*args)
+                return fn(*args, **kwargs)
             finally:
-                self.current += time.perf_counter_ns() - start
+                self.total += time.perf_counter_ns() - start
+                self._inside = False
 
         return timed
 
-    def end_step(self) -> None:
-        self.per_step.append(self.current)
-        self.current = 0
+    def take(self) -> int:
+        total, self.total = self.total, 0
+        return total
 
 
-def _agent(model: torch.nn.Module, out: str, sample_every: int) -> hooktrace.Agent:
-    agent = hooktrace.attach(model, out=out, sample_every=sample_every, metrics_port=0)
-    agent.worker._handle = lambda buf: None  # type: ignore[method-assign]
-    return agent
+@contextmanager
+def timed_agent_code(agent_time: Timer, flow: Timer) -> Iterator[None]:
+    """Wrap every entry point of the agent on the training thread (for agents attached inside)."""
+    saved: list[tuple[Any, str, Any]] = []
+
+    def patch(owner: Any, name: str, wrapper: Callable[[Any], Any]) -> None:
+        original = getattr(owner, name)
+        saved.append((owner, name, original))
+        setattr(owner, name, wrapper(original))
+
+    def closures(make: Callable[..., Any]) -> Callable[..., Any]:
+        def made(*args: Any) -> Any:
+            result = make(*args)
+            return tuple(agent_time.wrap(fn) for fn in result) if isinstance(result, tuple) else agent_time.wrap(result)
+
+        return made
+
+    for name in ENTRY_POINTS:
+        patch(StepTracker, name, agent_time.wrap)
+    patch(StepTracker, "_make_root_pre", closures)
+    patch(StepTracker, "_make_root_post", closures)
+    patch(recorder_module, "make_forward_hooks", closures)
+    patch(Recorder, "on_node_grad", agent_time.wrap)
+    patch(recorder_module, "gradient_norm", flow.wrap)
+    try:
+        yield
+    finally:
+        for owner, name, original in reversed(saved):
+            setattr(owner, name, original)
 
 
 def measure(name: str, steps: int) -> str:
-    flow = PartTimer()
-    original_norm = recorder_module.gradient_norm
-    recorder_module.gradient_norm = flow.wrap(original_norm)
-    try:
-        return _measure(name, steps, flow)
-    finally:
-        recorder_module.gradient_norm = original_norm
-
-
-def _measure(name: str, steps: int, flow: PartTimer) -> str:
-    with tempfile.TemporaryDirectory(prefix="hooktrace-anatomy-") as out:
-        _, bare = workload(name)
-        unsampled_model, unsampled_step = workload(name)
-        sampled_model, sampled_step = workload(name)
-        agents = [_agent(unsampled_model, f"{out}/u", NEVER), _agent(sampled_model, f"{out}/s", 1)]
-        capture = PartTimer()
-        agents[0].capture.capture = capture.wrap(agents[0].capture.capture)  # type: ignore[method-assign]
-        for _ in range(WARMUP_STEPS):
-            bare()
-            unsampled_step()
-            sampled_step()
-        clock = time.perf_counter_ns
-        bare_times: list[int] = []
-        extra: dict[str, list[float]] = {"unsampled": [], "sampled": []}
-        t0 = clock()
-        bare()
-        bare_times.append(clock() - t0)
-        capture.current = flow.current = 0
-        for _ in range(steps):
-            for kind, step, part in (("unsampled", unsampled_step, capture), ("sampled", sampled_step, flow)):
-                t0 = clock()
-                step()
-                t1 = clock()
-                bare()
-                t2 = clock()
-                bare_times.append(t2 - t1)
-                extra[kind].append((t1 - t0) - (bare_times[-2] + bare_times[-1]) / 2)
-                part.end_step()
-        for agent in agents:
-            agent.close()
-    bare_us = statistics.median(bare_times) / 1e3
-    unsampled_us = statistics.median(extra["unsampled"]) / 1e3
-    sampled_us = statistics.median(extra["sampled"]) / 1e3
-    capture_us = statistics.median(capture.per_step) / 1e3
-    flow_us = statistics.median(flow.per_step) / 1e3
-    default_pct = (sampled_us + 9 * unsampled_us) / 10 / bare_us * 100
-    norms_pct = (flow_us + 10 * capture_us) / 10 / bare_us * 100
+    model, step = workload(name)
+    for _ in range(WARMUP_STEPS):
+        step()
+    bare = []
+    for _ in range(max(20, steps // 10)):
+        start = time.perf_counter_ns()
+        step()
+        bare.append(time.perf_counter_ns() - start)
+    bare_us = statistics.median(bare) / 1e3
+    agent_time, flow, capture = Timer(), Timer(), Timer()
+    rows: list[tuple[bool, int, int, int]] = []  # (sampled, agent ns, capture ns, flow ns)
+    with timed_agent_code(agent_time, flow), tempfile.TemporaryDirectory(prefix="hooktrace-anatomy-") as out:
+        agent = hooktrace.attach(model, out=out, sample_every=SAMPLE_EVERY, metrics_port=0, write_files=False)
+        agent.worker._handle = lambda buf: None  # type: ignore[method-assign]
+        agent.capture.capture = capture.wrap(agent.capture.capture)  # type: ignore[method-assign]
+        for number in range(1, WARMUP_STEPS + steps + 1):
+            step()
+            if number > WARMUP_STEPS:
+                rows.append(((number - 1) % SAMPLE_EVERY == 0, agent_time.take(), capture.take(), flow.take()))
+            else:
+                agent_time.take(), capture.take(), flow.take()
+        agent.close()
+    mean_us = statistics.mean(r[1] for r in rows) / 1e3
+    unsampled_us = statistics.median(r[1] for r in rows if not r[0]) / 1e3
+    sampled_us = statistics.median(r[1] for r in rows if r[0]) / 1e3
+    capture_us = statistics.median(r[2] for r in rows if not r[0]) / 1e3
+    flow_us = statistics.median(r[3] for r in rows if r[0]) / 1e3
+    norms_pct = (flow_us + SAMPLE_EVERY * capture_us) / SAMPLE_EVERY / bare_us * 100
     return (
-        f"anatomy {name:<16} bare {bare_us / 1e3:.2f} ms | every step {unsampled_us:+.0f} us "
-        f"({unsampled_us / bare_us * 100:.1f} %), gradient norms {capture_us:.0f} us | sampled step "
-        f"{sampled_us:+.0f} us ({sampled_us / bare_us * 100:.1f} %), gradient-flow norms {flow_us:.0f} us | "
-        f"default ~{default_pct:.1f} %, norms alone {norms_pct:.2f} % (training thread, {steps} steps)"
+        f"anatomy {name:<16} bare {bare_us / 1e3:.2f} ms | inside hooktrace {mean_us:.0f} us per step "
+        f"({mean_us / bare_us * 100:.2f} %): unsampled step {unsampled_us:.0f} us, sampled step {sampled_us:.0f} us | "
+        f"gradient norms {capture_us:.0f} us every step, flow norms {flow_us:.0f} us per sampled step: "
+        f"norms alone {norms_pct:.2f} % ({steps} steps)"
     )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
-    parser.add_argument("--steps", type=int, help="alternations per workload (default: " + str(STEPS) + ")")
+    parser.add_argument("--steps", type=int, help=f"attached steps per workload (default: {STEPS})")
     args = parser.parse_args()
     torch.set_num_threads(1)  # as bench_overhead: one core for training
     for name in args.workloads:
