@@ -45,7 +45,7 @@ def workload(name: str) -> tuple[nn.Module, Callable[[], None]]:
         seq = 32 if tiny else 64
         model: nn.Module = TinyLM(dim=64 if tiny else 128, layers=2 if tiny else 4, seq=seq)
         data = torch.randint(0, 64, (16, seq + 1))
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
+        opt: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
 
         def step() -> None:
             logits = model(data[:, :-1])

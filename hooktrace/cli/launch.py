@@ -85,12 +85,11 @@ def run_target(config: Config, target: str, args: list[str], *, module: bool, pr
     code = 0
     try:
         agent.discover()
+        sys.argv = [target, *args]  # python -m rewrites argv[0] to the module's file (alter_sys)
         if module:
-            sys.argv = [target, *args]
             sys.path[0] = os.getcwd()  # like python -m: the current directory comes first
             runpy.run_module(target, run_name="__main__", alter_sys=True)
         else:
-            sys.argv = [target, *args]
             sys.path[0] = os.path.dirname(os.path.abspath(target))
             runpy.run_path(target, run_name="__main__")
     except SystemExit as exc:
