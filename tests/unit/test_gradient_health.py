@@ -33,6 +33,21 @@ def _reference(model: nn.Module) -> tuple[float, dict[str, float]]:
     return math.sqrt(total), per_module
 
 
+def _train_to_nan(model: nn.Module, at: int, **kwargs: Any) -> None:
+    """SGD steps 1..at on ``zoo.nan_batch``; ``kwargs`` go to every call of ``model``."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for step in range(1, at + 1):
+        opt.zero_grad()
+        model(zoo.nan_batch(step, at), **kwargs).mean().backward()
+        opt.step()
+
+
+def _nonfinite_source(out: Path) -> tuple[str, str]:
+    """``(first_module, phase)`` of the ``nonfinite`` event of a run's last step."""
+    event = next(e for e in read_steps(out)[-1]["events"] if e["kind"] == "nonfinite")
+    return event["first_module"], event["phase"]
+
+
 @pytest.mark.parametrize("factory", [zoo.TiedNet, zoo.FrozenNet, zoo.TwiceNet])
 def test_norms_equal_an_independent_float64_reference(factory: Any, tmp_path: Path) -> None:
     torch.manual_seed(0)
@@ -182,11 +197,7 @@ def test_the_first_non_finite_module_is_named_in_the_right_phase(
     if not replay:  # what attach chooses on CUDA in warn mode (attach chose replay on this CPU)
         agent.recorder.replay_roots.clear()
         agent.recorder.replay_all = False
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    for step in range(1, at + 1):
-        opt.zero_grad()
-        model(zoo.nan_batch(step, at)).mean().backward()
-        opt.step()
+    _train_to_nan(model, at)
     summary = agent.close()
     records = read_steps(tmp_path)
     assert [r["grad_norm"] is None for r in records] == [False] * (at - 1) + [True]
@@ -251,16 +262,11 @@ def test_the_forward_replay_leaves_rng_and_buffers_as_without_the_agent(tmp_path
         torch.manual_seed(0)
         model = _NormThenNaN()
         agent = hooktrace.attach(model, out=str(tmp_path), metrics_port=0) if with_agent else None
-        opt = torch.optim.SGD(model.parameters(), lr=0.01)
-        for step in range(1, 4):
-            opt.zero_grad()
-            model(zoo.nan_batch(step, 3)).mean().backward()
-            opt.step()
+        _train_to_nan(model, 3)
         seen["rng" if with_agent else "bare_rng"] = torch.get_rng_state()
         if agent is not None:
             agent.close()
-            event = next(e for e in read_steps(tmp_path)[-1]["events"] if e["kind"] == "nonfinite")
-            assert (event["first_module"], event["phase"]) == ("bad", "forward")  # a replay ran
+            assert _nonfinite_source(tmp_path) == ("bad", "forward")  # a replay ran
         return model
 
     bare, watched = run(False), run(True)
@@ -284,8 +290,7 @@ def test_a_batch_that_already_holds_a_nan_is_named_as_the_input(tmp_path: Path, 
         model(x).mean().backward()
         opt.step()
     agent.close()
-    event = next(e for e in read_steps(tmp_path)[-1]["events"] if e["kind"] == "nonfinite")
-    assert (event["first_module"], event["phase"]) == ("Sequential", "input")
+    assert _nonfinite_source(tmp_path) == ("Sequential", "input")
     assert (
         "non-finite gradient at step 3 (rank 0): the input of Sequential already held a NaN" in capsys.readouterr().err
     )
@@ -349,8 +354,7 @@ def test_the_replay_runs_under_the_autocast_of_the_step_so_a_half_precision_over
         loss.backward()
         opt.step()
     agent.close()
-    event = next(e for e in read_steps(tmp_path)[-1]["events"] if e["kind"] == "nonfinite")
-    assert (event["first_module"], event["phase"]) == ("1", "forward")
+    assert _nonfinite_source(tmp_path) == ("1", "forward")
 
 
 class _Masked(nn.Module):
@@ -381,16 +385,11 @@ def test_masks_with_minus_inf_are_neither_the_input_nor_the_source_of_a_nan(tmp_
     torch.manual_seed(0)
     model = _Masked(at=3)
     agent = hooktrace.attach(model, out=str(tmp_path), metrics_port=0)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
     mask = torch.zeros(4, 8)
     mask[:, -1] = float("-inf")
-    for step in range(1, 4):
-        opt.zero_grad()
-        model(zoo.nan_batch(step, 3), mask=mask).mean().backward()
-        opt.step()
+    _train_to_nan(model, 3, mask=mask)
     agent.close()
-    event = next(e for e in read_steps(tmp_path)[-1]["events"] if e["kind"] == "nonfinite")
-    assert (event["first_module"], event["phase"]) == ("bad", "forward")
+    assert _nonfinite_source(tmp_path) == ("bad", "forward")
 
 
 def test_a_model_that_cannot_replay_keeps_output_sums_on_sampled_steps(tmp_path: Path) -> None:
@@ -406,14 +405,9 @@ def test_a_model_that_cannot_replay_keeps_output_sums_on_sampled_steps(tmp_path:
     model = WithSyncBN()
     agent = hooktrace.attach(model, out=str(tmp_path), metrics_port=0, sample_every=1)
     assert not agent.recorder.replay_roots
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    for step in range(1, 4):
-        opt.zero_grad()
-        model(zoo.nan_batch(step, 3)).mean().backward()
-        opt.step()
+    _train_to_nan(model, 3)
     agent.close()
-    event = next(e for e in read_steps(tmp_path)[-1]["events"] if e["kind"] == "nonfinite")
-    assert (event["first_module"], event["phase"]) == ("body.1", "forward")
+    assert _nonfinite_source(tmp_path) == ("body.1", "forward")
 
 
 def test_raise_still_raises_when_the_replay_cannot_run(tmp_path: Path) -> None:
