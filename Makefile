@@ -32,7 +32,7 @@ typecheck: $(STAMP)
 check: lint typecheck test
 
 bench: $(STAMP)
-	$(PY) benchmarks/bench_overhead.py
+	$(PY) benchmarks/bench_overhead.py --control
 	$(PY) benchmarks/bench_anatomy.py
 	$(PY) benchmarks/bench_attach.py
 	$(PY) benchmarks/bench_grad_norms.py

@@ -15,7 +15,7 @@ few percent, so a 1% question needs many short, interleaved blocks):
   ``sample_every=10``) in the order bare, mode, bare, mode, ..., with the mode order rotated each
   round; each mode block is compared with the mean of the bare blocks right before and after it,
   so slow drifts of the machine cancel. Every agent's worker is drained and an untimed lead-in
-  of the same copy runs before each timed block (see ``_settle`` and ``LEAD_IN_S``).
+  of the same copy, of random length, runs before each timed block (see ``_lead_in``).
 - ``--control`` adds a second bare copy as a mode: what the benchmark reports for no overhead.
 - The confidence interval is the distribution-free order-statistic interval for a median (the
   ranks come from Binomial(n, 1/2); coverage >= 95% for independent ratios; a mode's ratios share
@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import random
 import statistics
 import sys
 import tempfile
@@ -38,20 +39,16 @@ import torch
 from _models import workload
 
 import hooktrace
+from hooktrace._aggregate.worker import POLL_INTERVAL_S
 
 WORKLOADS = ("tiny-transformer", "transformer", "cnn")
 ROUNDS = {"tiny-transformer": 80, "transformer": 30, "cnn": 50}
 """Rounds per workload (one ratio per mode per round): about 4-5 minutes in all on a 2-core VM."""
 WARMUP_STEPS = 20
 LEAD_IN_S = 0.06
-"""Untimed steps of the same copy right before each timed block, at least this long (and >= 2
-steps). They warm the caches for that copy (each block follows a block of another copy), and they
-put the agent's worker in its steady state: it polls every 50 ms and drains in bursts, so a timed
-block that started with an idle worker would leave the processing of its last steps (GIL time
-taken from the training thread) outside the timing, and under-count the agent on short blocks.
-With a lead-in longer than a poll interval, the work carried into the block from the lead-in
-matches, on average, the work the block leaves behind. Any 10 consecutive steps hold exactly one
-sampled step, so the lead-in need not be a multiple of 10."""
+"""Untimed steps of the same copy right before each timed block: at least this long (and >= 2
+steps) to warm the caches for that copy (each block follows a block of another copy), plus a
+random part of up to one worker poll interval (see ``_lead_in``)."""
 CONTROL = "control: 2nd bare copy"
 
 
@@ -64,6 +61,7 @@ class Mode:
     agent: hooktrace.Agent | None = None
     profiled: bool = False
     ratios: list[float] = field(default_factory=list)
+    steps_run: int = 0
 
 
 @dataclass
@@ -87,14 +85,25 @@ def _settle(agents: list[hooktrace.Agent]) -> None:
     """Wait until every agent's worker has processed every step handed to it, so that one mode's
     background work does not land in the next mode's (or a bare) block.
 
-    ``Worker.wait_idle`` compares processed with submitted steps: exact, and it asks the worker for
-    nothing. ``Worker.flush_now`` would also write the files and the summary, it forces a snapshot
-    rebuild on every call, which a real run does not do, and it returns after the worker's next
-    loop, which can miss a step submitted just before it was called.
+    ``Worker.wait_idle`` compares processed with submitted steps: exact. It also wakes the
+    worker, which then sleeps a full poll interval: see ``_lead_in``.
     """
     for agent in agents:
         if not agent.worker.wait_idle(10.0):
             raise RuntimeError("a hooktrace worker did not drain its queue within 10 s")
+
+
+def _lead_in(rng: random.Random, step_s: float) -> int:
+    """Steps of untimed lead-in: ``LEAD_IN_S`` plus a uniformly random part of one poll interval.
+
+    After ``_settle`` the worker next wakes one poll interval later. With a fixed lead-in, a block
+    shorter than that would never contain the worker's burst (its GIL time would always fall in
+    the next, untimed settle) and the agent would be under-counted. A random start puts the burst
+    inside a block of length B with probability B / poll, and a burst then processes about a
+    poll interval of steps: on average, a block holds the worker's work for B of steps, as in a
+    run. (Blocks longer than a poll interval always contain bursts.)
+    """
+    return max(2, math.ceil((LEAD_IN_S + rng.uniform(0.0, POLL_INTERVAL_S)) / step_s))
 
 
 def _block(mode: Mode, steps: int, lead_in: int, agents: list[hooktrace.Agent]) -> float:
@@ -108,6 +117,7 @@ def _block(mode: Mode, steps: int, lead_in: int, agents: list[hooktrace.Agent]) 
     )
     with profiler:
         elapsed = _run(mode.step, steps)
+    mode.steps_run += lead_in + steps
     return elapsed / steps
 
 
@@ -130,20 +140,21 @@ def measure(name: str, rounds: int, steps: int, control: bool) -> Result:
         for mode in modes:
             if not mode.profiled:
                 _run(mode.step, WARMUP_STEPS)  # allocator, kernels; an agent's step 1 and worker start
+                mode.steps_run += WARMUP_STEPS
         step_s = _run(bare_step, WARMUP_STEPS) / WARMUP_STEPS
-        lead_in = max(2, math.ceil(LEAD_IN_S / step_s))
+        rng = random.Random(0)
 
-        bare_times = [_block(bare, steps, lead_in, agents)]
+        bare_times = [_block(bare, steps, _lead_in(rng, step_s), agents)]
         for index in range(rounds):
             shift = index % len(modes)
             for mode in modes[shift:] + modes[:shift]:
-                t = _block(mode, steps, lead_in, agents)
-                bare_times.append(_block(bare, steps, lead_in, agents))
+                t = _block(mode, steps, _lead_in(rng, step_s), agents)
+                bare_times.append(_block(bare, steps, _lead_in(rng, step_s), agents))
                 mode.ratios.append(t / ((bare_times[-2] + bare_times[-1]) / 2))
 
         for mode in modes:
             if mode.agent is not None:
-                _check(mode, WARMUP_STEPS + rounds * (lead_in + steps))
+                _check(mode, mode.steps_run)
     return Result(
         bare_ms=statistics.median(bare_times) * 1e3,
         ratios={mode.name: mode.ratios for mode in modes},
