@@ -72,7 +72,7 @@ class GradNormCapture:
                 # tensor op.
                 values: list[float] = torch.stack(norms).tolist()
                 return values, present, None
-            stacked = stack_on_one_device(list(norms))
+            stacked = stack_on_one_device(list(norms)) if self._multi_device else torch.stack(norms)
         host, ready = copy_to_host_async(stacked)
         return host, present, ready
 
@@ -94,8 +94,12 @@ def capture_buffer_norms(table: ModuleTable) -> tuple[Any, list[str]]:
 
 def stack_on_one_device(tensors: list[torch.Tensor]) -> torch.Tensor:
     """Stack same-shaped tensors that may sit on several devices, on a CUDA device when any is
-    there: moving host values to the GPU does not wait for it, moving GPU values to the host does."""
-    device = next((t.device for t in tensors if t.is_cuda), tensors[0].device)
+    there: moving host values to the GPU does not wait for it, moving GPU values to the host does.
+    The usual case, one device, is a plain ``stack`` (no ``.to`` call per tensor)."""
+    first = tensors[0].device
+    if all(t.device == first for t in tensors):
+        return torch.stack(tensors)
+    device = next((t.device for t in tensors if t.is_cuda), first)
     return torch.stack([t.to(device, non_blocking=True) for t in tensors])
 
 
@@ -121,7 +125,8 @@ class HostCopy:
 
     def __init__(self, pairs: list[tuple[int, torch.Tensor]]) -> None:
         self.indices = [index for index, _ in pairs]
-        self.host, self.ready = copy_to_host_async(stack_on_one_device([value.float() for _, value in pairs]))
+        # float32 scalars all (gradient_norm, _foreach_norm(dtype=float32)): no conversion
+        self.host, self.ready = copy_to_host_async(stack_on_one_device([value for _, value in pairs]))
 
     def values(self) -> list[tuple[int, float]]:
         return list(zip(self.indices, resolve_norms(self.host, self.ready), strict=True))

@@ -23,12 +23,13 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map_only
 
 from hooktrace._record.buffer import StepBuffer
 from hooktrace._record.hooks import iter_tensors
 from hooktrace._record.module_table import ModuleTable
 from hooktrace.health.monitor import locate_nonfinite
-from hooktrace.health.norms import ParamRef, stack_on_one_device
+from hooktrace.health.norms import ParamRef, copy_to_host_async, stack_on_one_device
 
 _COLLECTIVE_TYPES = ("SyncBatchNorm", "FullyShardedDataParallel", "FSDPModule")
 
@@ -135,7 +136,7 @@ def first_source(seen: list[tuple[int, torch.Tensor]]) -> int | None:
     container qualifies when no module inside it did (its own code made it). An output whose only
     non-finite values are ``-inf`` is considered last: that is what masks are made of (and what a
     ``log(0)`` gives). None when no module made one."""
-    rows: list[list[float]] = stack_on_one_device([flags for _, flags in seen]).tolist()
+    rows: list[list[float]] = _read(stack_on_one_device([flags for _, flags in seen]))
     for allow_minus_inf in (False, True):
         for (index, _), (in_nan, in_bad, out_nan, out_pinf, out_ninf) in zip(seen, rows, strict=True):
             made_nan = out_nan and not in_nan
@@ -146,14 +147,18 @@ def first_source(seen: list[tuple[int, torch.Tensor]]) -> int | None:
 
 
 def _to_device(value: Any, device: torch.device) -> Any:
-    """Tensors in (nested) tuples, lists and dicts moved to ``device``, as DDP does to inputs."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, (tuple, list)):
-        return type(value)(_to_device(item, device) for item in value)
-    if isinstance(value, dict):
-        return {key: _to_device(item, device) for key, item in value.items()}
-    return value
+    """Tensors in any (nested) container moved to ``device``, as DDP does to inputs."""
+    return tree_map_only(torch.Tensor, lambda tensor: tensor.to(device), value)
+
+
+def _read(tensor: torch.Tensor) -> Any:
+    """``tolist()`` of a (device) tensor through one copy to pinned memory and its event, as the
+    guard reads norms: ``.tolist()`` on a CUDA tensor is a sync that ``set_sync_debug_mode``
+    reports (the replay runs on the training thread, on a bad step, in ``clip``/``raise`` mode)."""
+    host, ready = copy_to_host_async(tensor)
+    if ready is not None:
+        ready.synchronize()
+    return host.tolist()
 
 
 def _floating(values: list[Any]) -> list[torch.Tensor]:
@@ -166,7 +171,7 @@ def _nan_input(args: tuple[Any, ...], kwargs: dict[str, Any] | None) -> bool:
     tensors = _floating([*args, *(kwargs or {}).values()])
     if not tensors:
         return False
-    return bool(stack_on_one_device([torch.isnan(t).any() for t in tensors]).any())
+    return any(_read(stack_on_one_device([torch.isnan(t).any() for t in tensors])))
 
 
 def _watching_hook(index: int, seen: list[tuple[int, torch.Tensor]]) -> Any:
