@@ -7,6 +7,7 @@ slow lives in ``_aggregate`` and ``export`` on the worker thread.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import sys
@@ -37,7 +38,7 @@ from hooktrace.errors import AttachError, ConfigError, GradientExplosionError, N
 from hooktrace.export.base import Exporter
 from hooktrace.health.guard import SyncGuard
 from hooktrace.health.monitor import GradHealth
-from hooktrace.health.norms import GradNormCapture, HostCopy, capture_buffer_norms
+from hooktrace.health.norms import GradNormCapture, HostCopy, capture_buffer_norms, resolve_norms
 from hooktrace.health.replay import ForwardReplay, can_replay, host_norms, needs_replay
 from hooktrace.summary import RunSummary
 from hooktrace.summary_builder import build_summary, slowest_rank, write_summary
@@ -123,7 +124,7 @@ class Agent:
         self.health = GradHealth(self.recorder.table, cfg.explode_factor, watch_params)
         self.replay = ForwardReplay(self.recorder.table, self.recorder.modules)
         self.guard = (
-            SyncGuard(cfg, self.capture, self.health, locate=self._replay_if_needed)
+            SyncGuard(cfg, self.capture, self.health)
             if cfg.on_explosion != "warn" or cfg.on_nonfinite == "raise"
             else None
         )
@@ -409,12 +410,13 @@ class Agent:
             buf.grad_norms, buf.grad_present, buf.grad_ready = self.capture.capture()
             if buf.sampled:
                 buf.buffer_norms = capture_buffer_norms(self.recorder.table)
-            if self.guard is not None:
-                self.guard.check(buf)
-            elif buf.forward_inputs:
-                values = host_norms(buf)
-                if values is not None:
-                    self._replay_if_needed(buf, values)
+            # host values: CPU norms are floats already; a guard reads them (its documented wait)
+            values = resolve_norms(buf.grad_norms, buf.grad_ready) if self.guard is not None else host_norms(buf)
+            if values is not None:
+                self._replay_if_needed(buf, values)
+            if self.guard is not None and values is not None:
+                buf.grad_ready = None
+                self.guard.check(buf, values)
         except (GradientExplosionError, NonFiniteGradientError):
             raise
         except Exception as exc:
@@ -427,7 +429,7 @@ class Agent:
         """A non-finite gradient the parameter gradients cannot place: replay the step's forward
         (before the optimizer changes anything) to find the module where it started."""
         if buf.forward_inputs and needs_replay(values, self.capture.params(), buf.grad_present):
-            with self.tracker.silenced():
+            with self.tracker.silenced(), contextlib.suppress(Exception):  # a bonus: never fails the step
                 self.replay.run(buf)
 
     def _on_step(self, buf: StepBuffer) -> None:

@@ -8,16 +8,13 @@ DDP's all-reduce every rank holds the same gradients, so every rank clips the sa
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable
-
 import torch
 
 from hooktrace._record.buffer import StepBuffer
 from hooktrace.config import Config
 from hooktrace.errors import GradientExplosionError, NonFiniteGradientError
 from hooktrace.health.monitor import GradHealth, nonfinite_source
-from hooktrace.health.norms import GradNormCapture, resolve_norms
+from hooktrace.health.norms import GradNormCapture
 
 
 class SyncGuard:
@@ -28,26 +25,19 @@ class SyncGuard:
         config: Config,
         capture: GradNormCapture,
         health: GradHealth,
-        locate: Callable[[StepBuffer, list[float]], None] | None = None,
     ) -> None:
         self.config = config
         self.capture = capture
         self.health = health
-        self.locate = locate
-        """Called on a non-finite step before the source is named (the forward replay)."""
 
-    def check(self, buf: StepBuffer) -> None:
-        """Set ``buf.health``; clip in place or raise as configured."""
+    def check(self, buf: StepBuffer, values: list[float]) -> None:
+        """Set ``buf.health`` from the step's host norms; clip in place or raise as configured.
+        A forward replay, when one was needed, has already run (``buf.forward_source``)."""
         params = self.capture.params()
-        values = resolve_norms(buf.grad_norms, buf.grad_ready)
-        buf.grad_ready = None
         verdict = self.health.evaluate(
             params, buf.grad_present, values, detail=buf.sampled, per_param=self.config.on_explosion == "clip"
         )
         buf.health = verdict
-        if verdict.nonfinite and self.locate is not None:
-            with contextlib.suppress(Exception):  # naming the source is a bonus; raising is the promise
-                self.locate(buf, values)
         if verdict.nonfinite and self.config.on_nonfinite == "raise":
             module, _, phase = nonfinite_source(buf, verdict, params, self.capture.table)
             raise NonFiniteGradientError(buf.number, module, phase)
