@@ -195,10 +195,30 @@ class ForwardHookPair:
 
 
 def direct_hooks_supported() -> bool:
-    """Whether this PyTorch keeps forward hooks in the dicts ``ForwardHookPair`` writes to."""
+    """Whether this PyTorch keeps forward hooks where ``ForwardHookPair`` writes them: registers a
+    pair through the public API on a probe and looks for exactly those dict entries (the package
+    accepts future PyTorch versions, whose private layout may differ; then hooks go through
+    ``register_module_hooks``)."""
+
+    def hook(*args: Any) -> None:
+        return None
+
     probe = nn.Module()
-    names = ("_forward_pre_hooks", "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
-    return all(isinstance(getattr(probe, name, None), dict) for name in names) and hasattr(RemovableHandle, "next_id")
+    try:
+        pre = probe.register_forward_pre_hook(hook)
+        post = probe.register_forward_hook(hook, with_kwargs=True, always_call=True)
+        found = (
+            probe._forward_pre_hooks.get(pre.id) is hook
+            and probe._forward_hooks.get(post.id) is hook
+            and probe._forward_hooks_with_kwargs.get(post.id) is True
+            and probe._forward_hooks_always_called.get(post.id) is True
+            and isinstance(RemovableHandle.next_id, int)
+        )
+    except (AttributeError, TypeError):
+        return False
+    pre.remove()
+    post.remove()
+    return bool(found) and not (probe._forward_pre_hooks or probe._forward_hooks)
 
 
 class HookSet:

@@ -240,7 +240,9 @@ class Recorder:
             return
         forward = self._forward_hooks[index]
         if use_full:  # full backward hooks time backward: forward hooks without tensor hooks
-            forward = self._full_forward.setdefault(index, make_forward_hooks(self, index, tensor_backward=False))
+            if index not in self._full_forward:
+                self._full_forward[index] = make_forward_hooks(self, index, tensor_backward=False)
+            forward = self._full_forward[index]
         self._active[index] = register_module_hooks(
             self.modules[index], forward, self._full_hooks[index] if use_full else None
         )

@@ -14,7 +14,8 @@ from torch.optim import optimizer as optimizer_mod
 
 import hooktrace
 from tests import zoo
-from tests.conftest import read_steps
+from tests.conftest import read_steps, read_trace
+from tests.servers import free_port
 
 
 def _hook_counts(model: nn.Module) -> int:
@@ -316,7 +317,13 @@ def test_an_optimizer_of_a_model_the_agent_does_not_watch_ends_no_step(tmp_path:
     assert all(s["grad_norm"] is not None and s["phases"]["optimizer"] > 0 for s in steps)
 
 
-def test_module_hooks_exist_on_sampled_steps_only_and_a_users_own_hooks_keep_running(tmp_path: Path) -> None:
+@pytest.mark.parametrize("direct", [True, False], ids=["hook-dicts", "public-registration"])
+def test_module_hooks_exist_on_sampled_steps_only_and_a_users_own_hooks_keep_running(
+    direct: bool, tmp_path: Path, monkeypatch: Any
+) -> None:
+    """Both ways of putting the hooks on: straight into the hook dicts, and the public
+    ``register_forward_*_hook`` a PyTorch with another private layout gets."""
+    monkeypatch.setattr("hooktrace._record.recorder.direct_hooks_supported", lambda: direct)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
     seen: list[str] = []
     user = model[1].register_forward_hook(lambda m, a, out: seen.append("user"))
@@ -335,6 +342,8 @@ def test_module_hooks_exist_on_sampled_steps_only_and_a_users_own_hooks_keep_run
     assert seen == ["user"] * 6
     user.remove()
     assert _hook_counts(model) == 0
+    timed = {e["name"] for e in read_trace(tmp_path) if e.get("ph") == "X"}
+    assert {"forward 0", "forward 2", "backward 2"} <= timed
 
 
 def test_modules_inserted_without_a_registration_are_found_within_ten_sampled_steps(tmp_path: Path) -> None:
@@ -385,15 +394,10 @@ def test_detach_drops_every_reference_to_the_users_batches(tmp_path: Path) -> No
 
 
 def test_watch_names_on_a_ddp_model_are_the_inner_models_names(tmp_path: Path) -> None:
-    import socket
-
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         torch.manual_seed(0)
         model = DistributedDataParallel(zoo.TwiceNet())
