@@ -7,6 +7,7 @@ except :meth:`close`, which asks the worker to drain within a deadline and then 
 
 from __future__ import annotations
 
+import math
 import sys
 import threading
 import time
@@ -15,22 +16,22 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from hooktrace._aggregate.process import StepProcessor
-from hooktrace._aggregate.snapshot import MetricsSnapshot
 from hooktrace._aggregate.stats import RankStats
 from hooktrace._aggregate.step_record import StepRecord
 from hooktrace._record.buffer import StepBuffer
 from hooktrace.export.base import Exporter
 
-FLUSH_INTERVAL_S = 2.0
+IDLE_FLUSH_INTERVAL_S = 2.0
+"""With no new step, files and the metrics snapshot are still refreshed this often."""
 T = TypeVar("T")
 
 POLL_INTERVAL_S = 0.2
 """The worker wakes this often and drains in a burst: fewer wake-ups cost training less (measured:
 200 ms is cheaper than 50 ms on a 50 ms step, and the same on a 12 ms one)."""
-FILE_FLUSH_INTERVAL_S = 0.5
-"""Step files are flushed at most this often (a write per poll costs the training thread)."""
-SNAPSHOT_INTERVAL_S = 0.5
-"""Metrics snapshots are rebuilt at most this often (and at every flush), not every step."""
+FLUSH_INTERVAL_S = 0.5
+"""While steps come in, files are flushed and the metrics snapshot rebuilt at most this often
+(not per step: a write per poll costs the training thread; a copy per step is not free). A
+killed (SIGKILL) run loses at most this much; signals flush everything."""
 CHECKPOINT_INTERVAL_S = 10.0
 """summary.json is rewritten this often while the run goes on, so a killed run leaves one."""
 
@@ -58,7 +59,6 @@ class Worker:
         self._on_record = on_record
         self._thread = threading.Thread(target=self._run, name="hooktrace-worker", daemon=True)
         self._stop = threading.Event()
-        self.poll_s = POLL_INTERVAL_S
         self._wake = threading.Event()
         self._urgent = threading.Event()
         self._urgent_done = threading.Event()
@@ -67,8 +67,6 @@ class Worker:
         self.dropped_steps = 0
         self.first_error: str | None = None
         self.started = False
-        self._snapshot: MetricsSnapshot | None = None
-        self._snapshot_at = 0.0
         for exporter in exporters:
             stats.export_errors[exporter.name] += 0  # a zero series per exporter from the start
 
@@ -90,9 +88,10 @@ class Worker:
         self._submitted += 1
 
     def _run(self) -> None:
-        last_flush = last_checkpoint = last_file_flush = time.monotonic()
+        last_flush = -math.inf  # the first steps get a snapshot at once
+        last_checkpoint = time.monotonic()
         while True:
-            self._wake.wait(self.poll_s)
+            self._wake.wait(POLL_INTERVAL_S)
             self._wake.clear()
             while self._tasks:
                 try:
@@ -106,13 +105,10 @@ class Worker:
                 time.sleep(0)  # let the training thread take the GIL between steps
             now = time.monotonic()
             urgent = self._urgent.is_set()
-            if urgent or now - last_flush >= FLUSH_INTERVAL_S:
-                self._refresh_snapshot(now)
+            if urgent or now - last_flush >= (FLUSH_INTERVAL_S if drained else IDLE_FLUSH_INTERVAL_S):
+                self._refresh_snapshot()
                 self._flush()
                 last_flush = now
-            elif drained and now - last_file_flush >= FILE_FLUSH_INTERVAL_S:
-                self._flush()  # a killed (SIGKILL) run loses at most this much; signals flush all
-                last_file_flush = now
             if urgent or now - last_checkpoint >= CHECKPOINT_INTERVAL_S:
                 self._checkpoint()
                 last_checkpoint = now
@@ -176,9 +172,6 @@ class Worker:
         if buf.dropped_events:
             self.stats.dropped["module_events"] += buf.dropped_events
         self.stats.add(record)
-        now = time.monotonic()
-        if self._snapshot is None or now - self._snapshot_at >= SNAPSHOT_INTERVAL_S:
-            self._refresh_snapshot(now)
         for exporter in self.exporters:
             try:
                 exporter.export_step(record)
@@ -193,14 +186,13 @@ class Worker:
         ``hooktrace_dropped_total{what="steps"}`` series exists from the start."""
         self.stats.dropped["steps"] = self.dropped_steps
 
-    def _refresh_snapshot(self, now: float) -> None:
+    def _refresh_snapshot(self) -> None:
         """Build a fresh snapshot and hand it to every exporter (throttled: copying is not free)."""
         self.sync_drops()
-        self._snapshot = self.stats.snapshot()
-        self._snapshot_at = now
+        snapshot = self.stats.snapshot()
         for exporter in self.exporters:
             try:
-                exporter.refresh(self._snapshot)
+                exporter.refresh(snapshot)
             except Exception:
                 self.stats.export_errors[exporter.name] += 1
 
@@ -232,7 +224,7 @@ class Worker:
             while self._queue:
                 self._handle(self._queue.popleft())
         if self.stats.steps:
-            self._refresh_snapshot(time.monotonic())
+            self._refresh_snapshot()
         for exporter in self.exporters:
             try:
                 exporter.close()
