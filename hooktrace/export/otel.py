@@ -64,8 +64,9 @@ AUTO_ALL_RANKS = 8
 """``--trace-ranks auto`` traces every rank up to this world size, else rank 0 and the slowest."""
 TRACES_PATH = "/v1/traces"
 SPAN_EVENTS = ("grad_spike", "nonfinite")
-_PHASE_OF = {"forward": "forward", "eval": "eval", "backward": "backward", "recompute": "backward"}
-"""Module phase -> the step phase its spans live in (recompute runs inside backward)."""
+_PHASE_OF = {"forward": "forward", "eval": "eval", "backward": "backward", "recompute": "backward", "input": "forward"}
+"""Module phase -> the step phase its spans and events live under (recompute runs inside backward;
+``input``, a NaN batch, is an event on the root's forward)."""
 
 
 def root_span_id(trace_id: str) -> int:
@@ -506,7 +507,7 @@ class _StepSpans:
         )
         target, at = fallback, self.hi
         if candidates:
-            home = "forward" if phase == "input" else phase  # a NaN batch: on the root's forward
+            home = _PHASE_OF.get(phase, phase)
             best = [c for c in candidates if c[0].phase == home] or candidates
             _, target, at = min(best, key=lambda c: c[0].depth)
         attrs: dict[str, Any] = {"hooktrace.module": module, "hooktrace.phase": phase}

@@ -36,6 +36,8 @@ class PerfettoExporter:
         self.dropped = 0
         self._stats = stats
         """Where drops are reported (``hooktrace_dropped_total{what="trace_events"}``), as OTel does."""
+        if stats is not None:
+            stats.dropped["trace_events"] += 0  # the series exists from the start, for increase()
         self._pending: list[str] | None = None
         self._quoted: dict[tuple[int, str], tuple[str, str]] = {}
         """(module index, phase) -> the fixed JSON text around a span event's numbers."""
