@@ -148,12 +148,13 @@ def _cmdline(pid: int) -> list[str] | None:
     return out.stdout.split() or None
 
 
-def _reaped(pid: int) -> bool:
-    """Collect ``pid`` if it is an exited child of this process; True when it was."""
+def _reaped(pid: int) -> bool | None:
+    """Collect ``pid`` if it is an exited child of this process: True when it was, False when it
+    still runs, None when it is not (or no longer) a child of ours."""
     try:
         done, _ = os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:
-        return False
+        return None
     return done == pid
 
 
@@ -196,24 +197,18 @@ def _stop(pid: int) -> None:
     # An exiting child shows an empty cmdline before it can be reaped: collect it, so no zombie
     # of ours is left behind (bounded: it has already been signalled).
     reap_deadline = time.monotonic() + 5.0
-    while time.monotonic() < reap_deadline:
-        try:
-            done, _ = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            return  # not our child, or already collected
-        if done == pid:
-            return
+    while _reaped(pid) is False and time.monotonic() < reap_deadline:
         time.sleep(0.02)
 
 
-LOOPBACK = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+NO_PROXY_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 """An opener that ignores HTTP(S)_PROXY, as Prometheus does when it scrapes: a proxy meant for
 the internet must not swallow loopback or cluster-internal servers and ranks (stack, top)."""
 
 
 def _http_ready(url: str) -> bool:
     try:
-        with LOOPBACK.open(f"{url}/-/ready", timeout=1.0) as response:
+        with NO_PROXY_OPENER.open(f"{url}/-/ready", timeout=1.0) as response:
             return bool(response.status == 200)
     except urllib.error.HTTPError as exc:
         exc.close()
@@ -296,7 +291,7 @@ def _wait_ready(
     """
     log, start = state.log(name), time.monotonic()
     while not ready():
-        exited = _reaped(pid)
+        exited = _reaped(pid) is True
         if exited:
             failure = "exited before it was ready"
         elif time.monotonic() - start > timeout:

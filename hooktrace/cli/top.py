@@ -29,7 +29,7 @@ from rich.table import Table
 from rich.text import Text
 
 from hooktrace._aggregate.snapshot import PHASES, TOTAL
-from hooktrace.cli.stack import LOOPBACK
+from hooktrace.cli.stack import NO_PROXY_OPENER
 
 __all__ = ["Scrape", "Target", "View", "build_view", "fetch_all", "read_targets", "render", "top_command"]
 
@@ -152,7 +152,7 @@ def _reason(exc: BaseException) -> str:
 def fetch(target: Target, timeout: float = FETCH_TIMEOUT_S) -> Scrape:
     """Scrape one target; every failure becomes a down ``Scrape`` (the view must never crash)."""
     try:
-        with LOOPBACK.open(target.url, timeout=timeout) as response:
+        with NO_PROXY_OPENER.open(target.url, timeout=timeout) as response:
             text = response.read().decode("utf-8")
         return Scrape(target, time.monotonic(), parse_exposition(text))
     except Exception as exc:  # refused, timed out, HTTP error, not an exposition: all mean "down"
