@@ -32,6 +32,12 @@ def read_steps(out: Path, rank: int = 0) -> list[dict[str, Any]]:
         return [json.loads(line) for line in handle if line.strip()]
 
 
+def nonfinite_source(out: Path, rank: int = 0) -> tuple[str, str]:
+    """``(first_module, phase)`` of the ``nonfinite`` event of a run's last step."""
+    event = next(e for e in read_steps(out, rank)[-1]["events"] if e["kind"] == "nonfinite")
+    return event["first_module"], event["phase"]
+
+
 def read_trace(out: Path, rank: int = 0) -> list[dict[str, Any]]:
     text = (out / f"rank{rank}.trace.json").read_text(encoding="utf-8")
     return json.loads(text)  # type: ignore[no-any-return]

@@ -28,7 +28,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
@@ -184,7 +184,7 @@ def wait_for_series(
     *,
     run: subprocess.Popen[bytes] | None = None,
     run_log: Path | None = None,
-    server_log: str = "",
+    server_log: Callable[[], str] | None = None,
 ) -> list[dict[str, Any]]:
     """Poll ``promql`` until it returns a series; fail with the targets' health and the logs on
     timeout, or as soon as ``run`` (the scraped job) has exited."""
@@ -198,7 +198,10 @@ def wait_for_series(
             targets = http_get_json(f"{url}/api/v1/targets")["data"]["activeTargets"]
             health = [{k: t.get(k) for k in ("scrapeUrl", "health", "lastError")} for t in targets]
             why = f"the run exited with {run.returncode}" if exited and run is not None else f"{timeout}s passed"
-            log = run_log.read_text(errors="replace")[-4000:] if run_log is not None else server_log
+            if run_log is not None:
+                log = run_log.read_text(errors="replace")[-4000:]
+            else:
+                log = server_log() if server_log is not None else ""
             raise AssertionError(f"no result for {promql!r} ({why}); targets: {health}\nlog:\n{log}")
         time.sleep(0.25)
 
@@ -220,7 +223,7 @@ class PrometheusServer(ServerProcess):
     ) -> list[dict[str, Any]]:
         """Poll ``promql`` until it returns something, and return that; raise AssertionError on
         timeout, or at once when ``run`` (the job being scraped) exits, with its log."""
-        return wait_for_series(self.url, promql, timeout, run=run, run_log=run_log, server_log=self.log_tail())
+        return wait_for_series(self.url, promql, timeout, run=run, run_log=run_log, server_log=self.log_tail)
 
     def targets_health(self) -> list[dict[str, Any]]:
         """Return each active target's scrape URL, health and last error (for failure messages)."""
