@@ -76,6 +76,18 @@ class StepRecord:
     events: list[StepEvent] = field(default_factory=list)
     trace_id: str | None = None
     overhead_s: float = 0.0
+    optimizer: str | None = None
+    """Name(s) of the optimizer(s) that stepped (``Adam#0``; several joined by ``,``); None when
+    steps come from backward alone (a loop without torch.optim)."""
+    grads_captured: bool = False
+    """Gradient norms were read this step (``grad_norm`` None then means non-finite)."""
+    clipped_by_script: bool = False
+    """The script changed the gradients in place after backward, before the optimizer step
+    (clip_grad_norm_, clip_grad_value_, ...); the norms above are from before that."""
+    partial: bool = False
+    """The run ended inside this step (no optimizer step, no backward boundary): not a step."""
+    compiled: bool = False
+    """torch.compile compiled a graph during this step: its times are not steady state."""
 
     @property
     def duration_s(self) -> float:
@@ -88,13 +100,22 @@ class StepRecord:
             "rank": self.rank,
             "duration_s": round(self.duration_s, 9),
             "phases": {k: round(v, 9) for k, v in self.phases.items()},
-            "grad_norm": self.grad_norm,
-            "grad_norm_ratio": self.grad_norm_ratio,
             "micro_batches": self.micro_batches,
             "optimizer_steps": self.optimizer_steps,
             "sampled": self.sampled,
             "events": [event.as_json() for event in self.events],
         }
+        if self.grads_captured:
+            out["grad_norm"] = self.grad_norm
+            out["grad_norm_ratio"] = self.grad_norm_ratio
+        if self.optimizer:
+            out["optimizer"] = self.optimizer
+        if self.clipped_by_script:
+            out["clipped_by_script"] = True
+        if self.partial:
+            out["partial"] = True
+        if self.compiled:
+            out["compiled"] = True
         if self.module_grad_norms:
             out["module_grad_norms"] = self.module_grad_norms
         if self.param_grad_norms:
