@@ -7,7 +7,6 @@ slow lives in ``_aggregate`` and ``export`` on the worker thread.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import sys
@@ -24,6 +23,7 @@ from hooktrace._aggregate.snapshot import RankInfo
 from hooktrace._aggregate.stats import RankStats
 from hooktrace._aggregate.step_record import StepRecord
 from hooktrace._aggregate.worker import Worker
+from hooktrace._record.amp import UnscaleHandle, on_unscale
 from hooktrace._record.buffer import M_AR_END, StepBuffer
 from hooktrace._record.clock import clock_for
 from hooktrace._record.comm import AllReduceTimer, is_ddp
@@ -34,12 +34,14 @@ from hooktrace._record.tracker import StepTracker
 from hooktrace._version import __version__
 from hooktrace.config import Config
 from hooktrace.distributed import placement
-from hooktrace.errors import AttachError, ConfigError, GradientExplosionError, NonFiniteGradientError
+from hooktrace.errors import AttachError, ConfigError
 from hooktrace.export.base import Exporter
 from hooktrace.health.guard import SyncGuard
 from hooktrace.health.monitor import GradHealth
-from hooktrace.health.norms import GradNormCapture, HostCopy, capture_buffer_norms, resolve_norms
-from hooktrace.health.replay import ForwardReplay, can_replay, host_norms, needs_replay
+from hooktrace.health.norms import GradNormCapture, HostCopy
+from hooktrace.health.replay import ForwardReplay, can_replay
+from hooktrace.health.step_health import StepGradients
+from hooktrace.health.taps import GradientTaps
 from hooktrace.summary import RunSummary
 from hooktrace.summary_builder import build_summary, slowest_rank, write_summary
 
@@ -120,6 +122,7 @@ class Agent:
             depth=cfg.depth, max_modules=cfg.max_modules, backward=cfg.backward, on_fatal=self._fatal
         )
         self.capture = GradNormCapture(self.recorder.table)
+        self.taps = GradientTaps(self.capture)
         watch_params = {clean_name(w) for w in cfg.watch}  # as the module table names them (no "module.")
         self.health = GradHealth(self.recorder.table, cfg.explode_factor, watch_params)
         self.replay = ForwardReplay(self.recorder.table, self.recorder.modules)
@@ -128,13 +131,16 @@ class Agent:
             if cfg.on_explosion != "warn" or cfg.on_nonfinite == "raise"
             else None
         )
+        self.gradients = StepGradients(self.recorder, self.taps, self.guard, self.replay, lambda: self.tracker)
         self.tracker = StepTracker(
             self.recorder,
             sample_every=cfg.sample_every,
             on_step=self._on_step,
-            on_optimizer=self._on_optimizer,
+            on_optimizer=self.gradients.on_optimizer,
+            on_backward_end=self.gradients.on_backward_end,
             on_sampling=self._on_sampling,
         )
+        self._unscale_handle: UnscaleHandle | None = None
         self.discovery: Discovery | None = None
         self.info = RankInfo(
             run_id=cfg.run_id or "run",
@@ -222,6 +228,9 @@ class Agent:
         if self.discovery is not None:
             self.discovery.disable()
         self.tracker.stop()
+        if self._unscale_handle is not None:
+            self._unscale_handle.remove()
+            self._unscale_handle = None
         self.recorder.buf.forward_inputs = []  # no reference to the user's batches outlives attach
         if self._allreduce_timer is not None:
             self._allreduce_timer.enabled = False
@@ -239,7 +248,7 @@ class Agent:
                 return self.summary()
             self._closed = True
         self.tracker.check_reset_without_step()
-        self.tracker.close_step()
+        self.tracker.close_step(final=True)
         self.detach()
         self._start()
         self.worker.close(timeout)
@@ -292,6 +301,7 @@ class Agent:
         for exporter in self.exporters:
             exporter.start()
         self.tracker.start()
+        self._unscale_handle = on_unscale(self.gradients.on_unscale)
         self.worker.start()
 
     def _resolve_on_call(self, module: nn.Module, args: tuple[Any, ...]) -> None:
@@ -340,7 +350,12 @@ class Agent:
             device = next(root.parameters()).device.type
             self.info = dataclasses.replace(self.info, device=device)
             self.stats.info = self.info
-        label = "" if not self.recorder.table.roots else self._root_label(root)
+        roots = self.recorder.table.roots
+        if len(roots) == 1 and self.tracker.closed_steps == 0 and self.recorder.root_label(roots[0]) == "":
+            # a second model in the first step: the first one's names get its prefix too
+            self.recorder.relabel_root(roots[0], type(_unwrapped(self.recorder.modules[roots[0]])).__name__)
+            self.capture.invalidate()
+        label = "" if not roots else self._root_label(root)
         self.recorder.index_root(root, label, descend=not compiled)
         index = self.recorder.table.index_of(root)
         assert index is not None
@@ -371,7 +386,7 @@ class Agent:
             self._warn_once("comm_hook", f"hooktrace: {reason}")
 
     def _root_label(self, root: nn.Module) -> str:
-        base = type(root).__name__
+        base = type(_unwrapped(root)).__name__
         existing = {self.recorder.table.infos[i].display for i in self.recorder.table.roots}
         label, n = base, 1
         while label in existing:
@@ -404,35 +419,8 @@ class Agent:
             else:
                 self.discovery.disable()
 
-    def _on_optimizer(self, buf: StepBuffer) -> None:
-        start = time.perf_counter_ns()
-        try:
-            buf.grad_norms, buf.grad_present, buf.grad_ready = self.capture.capture()
-            if buf.sampled:
-                buf.buffer_norms = capture_buffer_norms(self.recorder.table)
-            # host values: CPU norms are floats already; a guard reads them (its documented wait)
-            values = resolve_norms(buf.grad_norms, buf.grad_ready) if self.guard is not None else host_norms(buf)
-            if values is not None:
-                self._replay_if_needed(buf, values)
-            if self.guard is not None and values is not None:
-                buf.grad_ready = None
-                self.guard.check(buf, values)
-        except (GradientExplosionError, NonFiniteGradientError):
-            raise
-        except Exception as exc:
-            self.recorder.hook_error(exc)
-        finally:
-            buf.forward_inputs = []
-            buf.overhead_ns += time.perf_counter_ns() - start
-
-    def _replay_if_needed(self, buf: StepBuffer, values: list[float]) -> None:
-        """A non-finite gradient the parameter gradients cannot place: replay the step's forward
-        (before the optimizer changes anything) to find the module where it started."""
-        if buf.forward_inputs and needs_replay(values, self.capture.params(), buf.grad_present):
-            with self.tracker.silenced(), contextlib.suppress(Exception):  # a bonus: never fails the step
-                self.replay.run(buf)
-
     def _on_step(self, buf: StepBuffer) -> None:
+        self.gradients.finish(buf, self.tracker.optimizer_seen)
         if buf.clock is not None and buf.clock.kind == "cuda":
             # the gradient-flow and output norms start their way to the host here, on the stream
             # that made them: the worker must not launch GPU work of its own

@@ -10,7 +10,7 @@ from hooktrace._aggregate.timeline import module_intervals, phase_durations, pha
 from hooktrace._record.buffer import M_AR_END, M_BWD, M_BWD_END, StepBuffer
 from hooktrace._record.module_table import ModuleTable
 from hooktrace.health.monitor import GradHealth, Verdict, nonfinite_source, resolve_pairs
-from hooktrace.health.norms import GradNormCapture, resolve_norms
+from hooktrace.health.norms import GradNormCapture, merge_captures, resolve_norms
 
 
 class StepProcessor:
@@ -58,6 +58,9 @@ class StepProcessor:
             micro_batches=buf.micro_batches,
             optimizer_steps=buf.optimizer_steps,
             skipped=buf.skipped,
+            partial=buf.partial,
+            compiled=buf.compiled,
+            closure=buf.closure,
             overhead_s=buf.overhead_ns / 1e9,
             spans=spans,
         )
@@ -110,12 +113,18 @@ class StepProcessor:
                 name: v for name, v in zip(buf.buffer_norms[1], values, strict=True) if math.isfinite(v)
             }
         params = self.capture.params()
+        record.optimizer = ",".join(buf.optimizers) or None
+        record.clipped_by_script = buf.clipped_by_script
+        if buf.skipped or buf.partial or not buf.captures:
+            return  # no update happened (or none can be told): no gradient verdict
         verdict: Verdict | None = buf.health
         if verdict is None:
-            values = resolve_norms(buf.grad_norms, buf.grad_ready)
-            if not values:
+            merged = merge_captures(list(buf.captures.values()))
+            if merged is None or not merged[0]:
                 return
+            buf.grad_present, values = merged
             verdict = self.health.evaluate(params, buf.grad_present, values, detail=buf.sampled, per_param=False)
+        record.grads_captured = True
         record.grad_norm = verdict.total
         record.grad_norm_ratio = verdict.ratio
         record.module_grad_norms = verdict.module_norms

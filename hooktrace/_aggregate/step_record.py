@@ -84,6 +84,8 @@ class StepRecord:
     clipped_by_script: bool = False
     """The script changed the gradients in place after backward, before the optimizer step
     (clip_grad_norm_, clip_grad_value_, ...); the norms above are from before that."""
+    closure: bool = False
+    """Forward and backward ran inside ``optimizer.step(closure)`` (Lightning, LBFGS)."""
     partial: bool = False
     """The run ended inside this step (no optimizer step, no backward boundary): not a step."""
     compiled: bool = False
@@ -112,6 +114,8 @@ class StepRecord:
             out["optimizer"] = self.optimizer
         if self.clipped_by_script:
             out["clipped_by_script"] = True
+        if self.closure:
+            out["closure"] = True
         if self.partial:
             out["partial"] = True
         if self.compiled:

@@ -35,6 +35,7 @@ def phase_intervals(start_ns: int, end_ns: int, marks: list[tuple[int, int]]) ->
     pending: list[tuple[int, int]] = []  # time after a backward, assigned once we know what follows
     current = "data"
     before_eval = "data"
+    in_optimizer = False  # inside optimizer.step(closure): gaps between closure calls are the optimizer's
     cursor = start_ns
 
     def spend(until: int) -> None:
@@ -54,7 +55,7 @@ def phase_intervals(start_ns: int, end_ns: int, marks: list[tuple[int, int]]) ->
     for mark, t in sorted(marks, key=lambda m: m[1]):
         spend(t)
         if mark == M_FWD:
-            settle("data")
+            settle("optimizer" if in_optimizer else "data")
             current = "forward"
         elif mark == M_EVAL:
             before_eval = current
@@ -69,6 +70,7 @@ def phase_intervals(start_ns: int, end_ns: int, marks: list[tuple[int, int]]) ->
         elif mark in (M_OPT, M_OPT_END):
             settle("optimizer")
             current = "optimizer"
+            in_optimizer = mark == M_OPT
         elif mark == M_AR_END and current == _AFTER_BACKWARD:
             settle("allreduce")  # compute is done: this wait is exposed communication
     spend(end_ns)

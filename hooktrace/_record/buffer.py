@@ -60,10 +60,21 @@ class StepBuffer:
     end_ns: int = 0
     skipped: bool = False
     """Backward ran but no optimizer stepped (e.g. GradScaler found inf); closed at the next forward."""
-    grad_norms: Any = None
-    """Stacked per-parameter norms (a tensor, possibly still being copied from the device)."""
-    grad_ready: Any = None
-    """CUDA event recorded after the device-to-host copy of ``grad_norms``; None on CPU."""
+    captures: dict[str, Any] = field(default_factory=dict)
+    """Optimizer name -> its ``health.norms.NormCapture``: the norms of the gradients it updated,
+    as backward produced them (``""``: a step found by backward alone, no optimizer)."""
+    backward_capture: Any = None
+    """The norms read at the end of this step's last backward (every parameter with a gradient)."""
+    optimizers: list[str] = field(default_factory=list)
+    """Names of the optimizers that stepped (``Adam#0``), in order."""
+    closure: bool = False
+    """Forward and backward ran inside ``optimizer.step(closure)`` (Lightning, LBFGS)."""
+    clipped_by_script: bool = False
+    """The gradients changed in place between their capture and the optimizer step (clipping)."""
+    partial: bool = False
+    """The run ended inside this step: no optimizer step closed it."""
+    compiled: bool = False
+    """torch.compile compiled a graph during this step."""
     health: Any = None
     """Synchronous health verdict (clip/raise modes), computed at the optimizer pre-hook."""
     hook_ns: int = 0
@@ -94,4 +105,5 @@ class StepBuffer:
     nonfinite_input: int | None = None
     """Root whose input (the batch) already held a NaN, found by a forward replay."""
     grad_present: list[int] = field(default_factory=list)
-    """Positions (in the parameter list) of the parameters whose norms are in ``grad_norms``."""
+    """Positions (in the parameter list) of the parameters whose norms the step's verdict read
+    (set when ``captures`` are merged, see ``health.norms.merge_captures``)."""

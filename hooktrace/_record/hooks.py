@@ -78,6 +78,24 @@ def watch_tensor(rec: Recorder, buf: StepBuffer, tensor: torch.Tensor, kind: int
     node.register_prehook(partial(rec.on_node_grad, targets, tensor.output_nr))
 
 
+def _is_one_of(tensor: torch.Tensor, args: tuple[Any, ...]) -> bool:
+    for arg in args:
+        if arg is tensor:
+            return True
+    return False
+
+
+def unwatch_inputs(buf: StepBuffer, args: tuple[Any, ...], index: int, call: int) -> None:
+    """A module that returned its input as is has no backward of its own: drop the end stamp its
+    forward pre-hook asked for, so the module that made the tensor keeps its backward time."""
+    target = (BWD_END, index, call)
+    for arg in args:
+        if isinstance(arg, _Tensor):
+            entry = buf.tensor_hooks.get(id(arg))
+            if entry is not None and target in entry[1]:
+                entry[1].remove(target)
+
+
 def make_forward_hooks(rec: Recorder, index: int, tensor_backward: bool) -> tuple[Callable[..., None], ...]:
     """Forward pre/post hooks of module ``index``; with ``tensor_backward`` they also set the
     tensor hooks that time the module's backward."""
@@ -136,9 +154,16 @@ def make_forward_hooks(rec: Recorder, index: int, tensor_backward: bool) -> tupl
                     buf.pending_outputs.append((index, first))
             if tensor_backward and output is not None:
                 call = buf.calls.get(index, 1) - 1
+                passed_through = computed = False
                 for tensor in iter_tensors(output):
                     if tensor.requires_grad:
-                        watch_tensor(rec, buf, tensor, BWD_START, index, call)
+                        if _is_one_of(tensor, args):
+                            passed_through = True  # Identity, Dropout(p=0): not this module's work
+                        else:
+                            computed = True
+                            watch_tensor(rec, buf, tensor, BWD_START, index, call)
+                if passed_through and not computed:
+                    unwatch_inputs(buf, args, index, call)
         except Exception as exc:
             rec.hook_error(exc)
         buf.hook_ns += _now() - start

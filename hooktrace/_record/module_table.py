@@ -123,6 +123,21 @@ class ModuleTable:
             added.append((index, module))
         return added
 
+    def relabel_root(self, root: int, root_label: str) -> None:
+        """Prefix every module of ``root`` with ``root_label`` (a second root model was found
+        during the first step: from then on every name says which model it belongs to)."""
+        renamed = [info for info in self.infos if info.root == root]
+        old_labels = {info.label for info in renamed}
+        for info in renamed:
+            info.display = f"{root_label}.{info.name}" if info.name else root_label
+            info.params = [(clean_name(f"{root_label}.{name}"), param) for name, param in info.params]
+            info.buffers = [(clean_name(f"{root_label}.{name}"), buffer) for name, buffer in info.buffers]
+        still_used = {info.label for info in self.infos if info.root != root}
+        self.labels -= old_labels - still_used
+        for info in renamed:
+            if info.label != OTHER:
+                info.label = self._label_for(info.display)
+
     def _label_for(self, display: str) -> str:
         label = cut_name(display, self.depth)
         if label in self.labels:

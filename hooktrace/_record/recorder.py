@@ -170,6 +170,15 @@ class Recorder:
         for index, (label, descend) in list(self._root_labels.items()):
             self.index_root(self.modules[index], label, descend)
 
+    def root_label(self, index: int) -> str:
+        """The prefix of a root's module names (``""``: unprefixed, the run's only model)."""
+        return self._root_labels.get(index, ("", True))[0]
+
+    def relabel_root(self, index: int, label: str) -> None:
+        """Prefix a root's module names with ``label`` from now on (see ModuleTable.relabel_root)."""
+        self.table.relabel_root(index, label)
+        self._root_labels[index] = (label, self._root_labels.get(index, ("", True))[1])
+
     def _on_module_registered(self, module: nn.Module, name: str, submodule: Any) -> None:
         self._modules_changed = True
         return None

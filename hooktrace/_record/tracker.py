@@ -9,6 +9,7 @@ gradients were reset without an optimizer step (a GradScaler skip), or by ``agen
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -31,6 +32,7 @@ from hooktrace._record.buffer import (
 )
 from hooktrace._record.hooks import iter_tensors
 from hooktrace._record.recorder import Recorder, always
+from hooktrace.errors import GradientExplosionError, NonFiniteGradientError
 
 MAX_REPLAY_CALLS = 16
 """Root calls (micro-batches) of one step kept for a forward replay (health/replay.py)."""
@@ -70,13 +72,15 @@ class StepTracker:
         *,
         sample_every: int,
         on_step: Callable[[StepBuffer], None],
-        on_optimizer: Callable[[StepBuffer], None],
+        on_optimizer: Callable[[StepBuffer, torch.optim.Optimizer, str], None],
+        on_backward_end: Callable[[StepBuffer, torch.optim.Optimizer | None, str], None] | None = None,
         on_sampling: Callable[[bool], None] | None = None,
     ) -> None:
         self.rec = recorder
         self.sample_every = sample_every
         self._on_step = on_step
         self._on_optimizer = on_optimizer
+        self._on_backward_end_cb = on_backward_end or (lambda buf, optimizer, name: None)
         self._on_sampling = on_sampling or (lambda sampled: None)
         self._root_pre: dict[int, Callable[..., None]] = {}
         self.before_forward: list[Callable[[], None]] = []
@@ -89,6 +93,12 @@ class StepTracker:
         self._pending_close = False
         self._backward_since_optimizer = False
         self._grad_probe: nn.Parameter | None = None
+        self._probe_grad: tuple[Any, int] | None = None
+        """(weakref to the probe's gradient, its version) at the end of the last backward: a
+        loop without torch.optim that zeroes gradients in place is seen by the version."""
+        self._stepping: torch.optim.Optimizer | None = None
+        """The optimizer whose step() is running (a closure's backward belongs to it)."""
+        self._compiled_graphs = 0
         self.optimizer_seen = False
         self.closed_steps = 0
         self._active = False
@@ -97,6 +107,8 @@ class StepTracker:
             weakref.WeakKeyDictionary()
         )
         """Optimizer -> (steps instrumented parameters, its group count, table size when checked)."""
+        self._names: weakref.WeakKeyDictionary[torch.optim.Optimizer, str] = weakref.WeakKeyDictionary()
+        """Optimizer -> its stable name: class and index in the order they first stepped (``Adam#1``)."""
 
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -156,12 +168,20 @@ class StepTracker:
             hook(module, args, None)
 
     # -- step boundaries ------------------------------------------------------------------------------
-    def close_step(self, now: int | None = None) -> StepBuffer | None:
-        """Finish the current step (if it did anything) and start the next one."""
+    def close_step(self, now: int | None = None, final: bool = False) -> StepBuffer | None:
+        """Finish the current step (if it did anything) and start the next one. ``final``: the
+        run ends here; a step that no optimizer step (nor, without torch.optim, a backward)
+        closed is marked partial."""
         buf = self.rec.buf
         if not buf.marks and not buf.events:
             return None
         t0 = _now()
+        if final and not buf.optimizer_steps and not buf.skipped:
+            buf.partial = self.optimizer_seen or not any(m == M_BWD_END for m, _ in buf.marks)
+        graphs = _compiled_graphs()
+        if graphs != self._compiled_graphs:
+            buf.compiled = True
+            self._compiled_graphs = graphs
         end = now if now is not None else t0
         if buf.optimizer_steps:
             end = max(t for m, t in buf.marks if m == M_OPT_END)
@@ -289,12 +309,18 @@ class StepTracker:
         one, a loop that updates parameters by hand. Gradients kept (accumulation) are no step.
         """
         buf = self.rec.buf
-        if self._backward_since_optimizer and not self._pending_close:
+        if self._backward_since_optimizer and not self._pending_close and self._stepping is None:
             probe = self._grad_probe
-            reset = probe is not None and probe.grad is None
+            reset = probe is not None and (probe.grad is None or self._grad_changed(probe.grad))
             if reset or buf.micro_batches >= MAX_MICRO_BATCHES:
                 buf.skipped = reset and self.optimizer_seen
                 self._pending_close = True
+
+    def _grad_changed(self, grad: torch.Tensor) -> bool:
+        """The probe's gradient was replaced or modified in place (``zero_()``) since the end of
+        the last backward. Accumulation adds only during the next backward, after this check."""
+        seen = self._probe_grad
+        return seen is not None and (seen[0]() is not grad or grad._version != seen[1])
 
     def _start_forward(self, now: int) -> None:
         while self.before_forward:
@@ -340,6 +366,12 @@ class StepTracker:
                 self._grad_probe = next(
                     (p for info in self.rec.table.infos for _, p in info.params if p.grad is not None), None
                 )
+            grad = self._grad_probe.grad if self._grad_probe is not None else None
+            self._probe_grad = (weakref.ref(grad), grad._version) if grad is not None else None
+            stepping = self._stepping
+            self._on_backward_end_cb(buf, stepping, self.name_of(stepping) if stepping is not None else "")
+        except (GradientExplosionError, NonFiniteGradientError):
+            raise  # the user chose "raise": out of loss.backward() inside the optimizer's closure
         except Exception as exc:
             self.rec.hook_error(exc)
 
@@ -368,25 +400,60 @@ class StepTracker:
         self._optimizers[optimizer] = (ours, groups, size)
         return ours
 
+    def name_of(self, optimizer: torch.optim.Optimizer) -> str:
+        """``Adam#0``: the optimizer's class and its index among this run's optimizers."""
+        name = self._names.get(optimizer)
+        if name is None:
+            name = self._names[optimizer] = f"{type(optimizer).__name__}#{len(self._names)}"
+        return name
+
     def _optimizer_pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self.rec.skip() or not self.is_ours(optimizer):
             return None  # compiled step, CUDA graph capture, or another model's optimizer
+        if self._pending_close and _has_closure(args, kwargs):
+            # forward and backward run inside this step() (Lightning, LBFGS): the step starts here
+            self.close_step()
         buf = self.rec.buf
         buf.marks.append((M_OPT, _now()))
-        if buf.optimizer_steps == 0 and buf.grad_norms is None:
-            self._on_optimizer(buf)  # gradient health; may raise when the user chose "raise"
+        self._stepping = optimizer
+        name = self.name_of(optimizer)
+        if name not in buf.optimizers:
+            buf.optimizers.append(name)
+        self._on_optimizer(buf, optimizer, name)  # gradient health; may raise when the user chose "raise"
         return None
 
     def _optimizer_post(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self.rec.skip() or not self.is_ours(optimizer):
             return None
         try:
+            self._stepping = None
             buf = self.rec.buf
             buf.marks.append((M_OPT_END, _now()))
             buf.optimizer_steps += 1
+            if buf.closure and not buf.clipped_by_script:  # a closure's gradients: clipped after it
+                capture = buf.captures.get(self.name_of(optimizer))
+                buf.clipped_by_script = capture is not None and capture.changed()
             self.optimizer_seen = True
             self._pending_close = True
             self._backward_since_optimizer = False
         except Exception as exc:
             self.rec.hook_error(exc)
         return None
+
+
+def _has_closure(args: Any, kwargs: Any) -> bool:
+    """``optimizer.step(closure)`` or ``step(closure=...)``."""
+    if kwargs and kwargs.get("closure") is not None:
+        return True
+    return bool(args) and callable(args[0])
+
+
+def _compiled_graphs() -> int:
+    """Graphs torch.compile has compiled in this process (0 before Dynamo is imported)."""
+    utils = sys.modules.get("torch._dynamo.utils")
+    if utils is None:
+        return 0
+    try:
+        return int(utils.counters["stats"]["unique_graphs"])
+    except Exception:
+        return 0

@@ -1,4 +1,4 @@
-"""Gradient norms, once per step at the optimizer pre-hook: one ``_foreach_norm``, one copy.
+"""Gradient norms as backward produced them: one ``_foreach_norm``, one copy, per reading.
 
 The training thread launches the norm kernels and a non-blocking device-to-host copy; the worker
 reads the host tensor after the copy's event completed (a step later at worst). On CPU the norms
@@ -8,6 +8,7 @@ are simply a tensor. No ``.item()``, no sync.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,7 @@ from torch import nn
 from hooktrace._record.module_table import ModuleTable
 
 _NO_CONTEXT = contextlib.nullcontext()
+_weakref = weakref.ref
 
 
 @dataclass(slots=True)
@@ -28,42 +30,116 @@ class ParamRef:
     module: int
 
 
+@dataclass(slots=True)
+class NormCapture:
+    """Per-parameter gradient norms read at one moment: host floats (CPU) or a pinned host tensor
+    still being copied (CUDA, ``ready`` event). ``select`` keeps a share of them (one optimizer's
+    parameters) without touching the device; ``probes`` see in-place changes made afterwards."""
+
+    norms: Any
+    present: list[int]
+    """Positions (in ``GradNormCapture.params()``) of the parameters that had a gradient."""
+    ready: Any = None
+    select: list[int] | None = None
+    """Indices into ``present``/``norms`` this capture stands for; None = all."""
+    probes: tuple[tuple[Any, int], ...] = ()
+    """(weakref to a gradient, its version counter when read): the first and last gradient."""
+
+    def positions(self) -> list[int]:
+        return self.present if self.select is None else [self.present[i] for i in self.select]
+
+    def host_values(self) -> list[float] | None:
+        """The norms when they are host floats already; None where reading would wait (CUDA)."""
+        return self._pick(self.norms) if isinstance(self.norms, list) else None
+
+    def values(self) -> list[float]:
+        """The norms as host floats (worker thread, or a guard's documented wait on CUDA)."""
+        return self._pick(resolve_norms(self.norms, self.ready))
+
+    def _pick(self, values: list[float]) -> list[float]:
+        return values if self.select is None else [values[i] for i in self.select]
+
+    def only(self, keep: set[int] | None) -> NormCapture:
+        """The share of these norms that covers the parameter positions in ``keep`` (None: all)."""
+        if keep is None:
+            return self
+        select = [i for i, pos in enumerate(self.present) if pos in keep]
+        return NormCapture(self.norms, self.present, self.ready, select, self.probes)
+
+    def changed(self) -> bool:
+        """Whether a probed gradient was modified in place since the capture (clipping, scaling)."""
+        for ref, version in self.probes:
+            grad = ref()
+            if grad is not None and grad._version != version:
+                return True
+        return False
+
+
+def merge_captures(captures: list[NormCapture], host_only: bool = False) -> tuple[list[int], list[float]] | None:
+    """``(positions, values)`` of several captures, each parameter once (the later capture wins),
+    in position order. With ``host_only``, None when some capture is not on the host yet."""
+    by_pos: dict[int, float] = {}
+    for capture in captures:
+        values = capture.host_values() if host_only else capture.values()
+        if values is None:
+            return None
+        by_pos.update(zip(capture.positions(), values, strict=True))
+    present = sorted(by_pos)
+    return present, [by_pos[pos] for pos in present]
+
+
 class GradNormCapture:
-    """Launches the per-step norm computation over every instrumented parameter."""
+    """Launches the norm computation over the instrumented parameters' gradients."""
 
     def __init__(self, table: ModuleTable) -> None:
         self.table = table
         self._params: list[ParamRef] = []
         self._tensors: list[nn.Parameter] = []
+        self._position: dict[int, int] = {}
         self._multi_device = False
         self._table_size = -1
 
     def params(self) -> list[ParamRef]:
-        """All parameters (tied ones once), refreshed when modules were added."""
+        """All parameters (tied ones once), refreshed when modules were added or renamed."""
         if self._table_size != len(self.table.infos):
             self._params = [
                 ParamRef(name, param, info.index) for info in self.table.infos for name, param in info.params
             ]  # frozen ones too: their grad is None until they are unfrozen
             self._table_size = len(self.table.infos)
             self._tensors = [ref.param for ref in self._params]
+            self._position = {id(t): i for i, t in enumerate(self._tensors)}
             self._multi_device = len({t.device for t in self._tensors}) > 1
         return self._params
 
-    def capture(self) -> tuple[Any, list[int], Any]:
-        """``(norms, positions of params that had a grad, ready event or None)``: norms are host
-        floats on CPU, a tensor being copied to pinned host memory on CUDA.
+    def invalidate(self) -> None:
+        """Parameter names changed (roots relabelled): rebuild the list at the next use."""
+        self._table_size = -1
 
-        Training thread, once per step: a handful of Python operations per parameter, one
-        ``_foreach_norm`` and one ``stack``; then ``tolist`` on CPU, a non-blocking copy to pinned
-        memory on CUDA.
+    def positions_of(self, tensors: Any) -> set[int]:
+        """Positions of the instrumented parameters among ``tensors`` (an optimizer's params)."""
+        self.params()
+        position = self._position
+        return {position[id(t)] for t in tensors if id(t) in position}
+
+    def capture(self, positions: list[int] | None = None) -> NormCapture | None:
+        """Norms of the gradients present now, of every parameter or of ``positions`` only.
+
+        Training thread: a handful of Python operations per parameter, one ``_foreach_norm`` and
+        one ``stack``; then ``tolist`` on CPU, a non-blocking copy to pinned memory on CUDA.
         """
         if self._table_size != len(self.table.infos):
             self.params()  # modules were added
-        maybe = [param.grad for param in self._tensors]
-        present = [i for i, grad in enumerate(maybe) if grad is not None]  # frozen/unused: None
+        tensors = self._tensors
+        if positions is None:
+            maybe = [param.grad for param in tensors]
+            present = [i for i, grad in enumerate(maybe) if grad is not None]  # frozen/unused: None
+        else:
+            maybe = [tensors[i].grad for i in positions]
+            present = [positions[i] for i, grad in enumerate(maybe) if grad is not None]
         grads = [grad for grad in maybe if grad is not None]
         if not grads:
-            return None, present, None
+            return None
+        probes = ((_weakref(grads[0]), grads[0]._version), (_weakref(grads[-1]), grads[-1]._version))
         with torch.no_grad() if grads[0].requires_grad else _NO_CONTEXT:  # create_graph=True only
             norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
             if not self._multi_device and norms[0].is_cpu:
@@ -71,10 +147,10 @@ class GradNormCapture:
                 # non-finite step is known before the optimizer steps and the worker needs no
                 # tensor op.
                 values: list[float] = torch.stack(norms).tolist()
-                return values, present, None
+                return NormCapture(values, present, None, None, probes)
             stacked = stack_on_one_device(list(norms)) if self._multi_device else torch.stack(norms)
         host, ready = copy_to_host_async(stacked)
-        return host, present, ready
+        return NormCapture(host, present, ready, None, probes)
 
 
 def capture_buffer_norms(table: ModuleTable) -> tuple[Any, list[str]]:

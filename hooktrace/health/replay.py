@@ -49,13 +49,6 @@ def can_replay(root: nn.Module, world_size: int) -> bool:
     return not any(cls.__name__ in _COLLECTIVE_TYPES for m in root.modules() for cls in type(m).__mro__)
 
 
-def host_norms(buf: StepBuffer) -> list[float] | None:
-    """The step's per-parameter norms as host floats when they are already on the host (CPU:
-    ``GradNormCapture`` made them floats); None where reading them would wait for the device."""
-    norms = buf.grad_norms
-    return norms if isinstance(norms, list) else None
-
-
 def needs_replay(values: list[float], params: list[ParamRef], present: list[int]) -> bool:
     """A non-finite gradient that the parameter gradients cannot place (see ``locate_nonfinite``)."""
     if math.isfinite(sum(values)):  # norms are >= 0: the sum is finite iff every one is
