@@ -42,6 +42,8 @@ class StepProcessor:
         start = buf.start_ns or (buf.marks[0][1] if buf.marks else buf.end_ns)
         end = max(buf.end_ns, start)
         spans = self._spans(buf) if buf.events else []
+        if buf.number == 1 and spans:
+            spans = [span for span in spans if span.start_ns >= start]  # eval calls before training began
         marks = buf.marks
         if spans and (buf.clock is None or buf.clock.kind == "cpu"):
             marks = _align_backward_marks(marks, spans)

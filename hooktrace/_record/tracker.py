@@ -248,7 +248,7 @@ class StepTracker:
             try:
                 now = _now()
                 if not _grad_enabled():
-                    if self._eval_depth == 0 and self._depth == 0:
+                    if self._eval_depth == 0 and self._depth == 0 and rec.buf.start_ns:  # not before step 1
                         rec.buf.marks.append((M_EVAL, now))
                     self._eval_depth += 1
                 elif _graph_task_id() == -1:
@@ -280,7 +280,7 @@ class StepTracker:
                 if not _grad_enabled():
                     if self._eval_depth > 0:
                         self._eval_depth -= 1
-                        if self._eval_depth == 0 and self._depth == 0:
+                        if self._eval_depth == 0 and self._depth == 0 and rec.buf.start_ns:
                             rec.buf.marks.append((M_EVAL_END, _now()))
                 elif _graph_task_id() == -1 and self._depth > 0:
                     self._depth -= 1

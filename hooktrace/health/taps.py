@@ -46,7 +46,10 @@ class GradientTaps:
         if self.latest is None or id(optimizer) in self._taken:
             return None
         self._taken.add(id(optimizer))
-        return self.latest.only(self.positions(optimizer))
+        keep = self.positions(optimizer)
+        if keep is None or len(keep) == len(self.capture.params()):
+            return self.latest  # it updates the whole model: no selection to make
+        return self.latest.only(keep)
 
     def after_unscale(self, optimizer: torch.optim.Optimizer) -> NormCapture | None:
         """Right after ``GradScaler.unscale_``: the unscaled norms of ``optimizer``'s parameters."""
