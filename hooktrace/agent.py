@@ -135,6 +135,7 @@ class Agent:
         self.tracker = StepTracker(
             self.recorder,
             sample_every=cfg.sample_every,
+            flow_every=cfg.flow_every,
             on_step=self._on_step,
             on_optimizer=self.gradients.on_optimizer,
             on_backward_end=self.gradients.on_backward_end,

@@ -60,6 +60,9 @@ class Config:
     """OTLP/HTTP endpoint for traces; ``None`` means ``OTEL_EXPORTER_OTLP_ENDPOINT`` or off."""
     sample_every: int = 10
     """Per-module timing and spans on every Nth optimizer step (step 1 is always sampled)."""
+    flow_every: int = 100
+    """Gradient flow (‖grad_output‖ and ‖grad_input‖ per module) on the sampled step at or after
+    every Nth step; 0 turns it off. It reads every activation gradient, so it has its own cadence."""
     depth: int = 3
     """Module names in metric labels are cut to this many dotted parts."""
     max_modules: int = 256
@@ -92,6 +95,9 @@ class Config:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{_where(name)} must be a positive integer, got {value!r}")
+        flow = self.flow_every
+        if isinstance(flow, bool) or not isinstance(flow, int) or flow < 0:
+            raise ConfigError(f"{_where('flow_every')} must be a whole number of steps (0 = off), got {flow!r}")
         port = self.metrics_port
         if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
             raise ConfigError(f"{_where('metrics_port')} must be a port number 0-65535 (0 = off), got {port!r}")

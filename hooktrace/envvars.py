@@ -29,6 +29,9 @@ HOOKTRACE_OTLP_ENDPOINT = "HOOKTRACE_OTLP_ENDPOINT"
 HOOKTRACE_SAMPLE_EVERY = "HOOKTRACE_SAMPLE_EVERY"
 """Per-module timing and spans on every Nth step. Default: 10."""
 
+HOOKTRACE_FLOW_EVERY = "HOOKTRACE_FLOW_EVERY"
+"""Gradient-flow norms on the sampled step at or after every Nth step; 0 = off. Default: 100."""
+
 HOOKTRACE_DEPTH = "HOOKTRACE_DEPTH"
 """Module-name depth of metric labels. Default: 3."""
 
@@ -71,6 +74,7 @@ CONFIG_ENV: dict[str, str] = {
     "metrics_addr": HOOKTRACE_METRICS_ADDR,
     "otlp_endpoint": HOOKTRACE_OTLP_ENDPOINT,
     "sample_every": HOOKTRACE_SAMPLE_EVERY,
+    "flow_every": HOOKTRACE_FLOW_EVERY,
     "depth": HOOKTRACE_DEPTH,
     "max_modules": HOOKTRACE_MAX_MODULES,
     "backward": HOOKTRACE_BACKWARD,

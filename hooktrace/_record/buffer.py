@@ -47,6 +47,8 @@ class StepBuffer:
     number: int
     sampled: bool
     start_ns: int
+    flow: bool = False
+    """Gradient-flow step (``--flow-every``): module output/input gradient norms are read."""
     events: list[tuple[int, int, int, Any]] = field(default_factory=list)
     marks: list[tuple[int, int]] = field(default_factory=list)
     calls: dict[int, int] = field(default_factory=dict)

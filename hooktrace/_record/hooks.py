@@ -79,7 +79,7 @@ def watch_tensor(rec: Recorder, buf: StepBuffer, tensor: torch.Tensor, kind: int
 
 
 def _is_one_of(tensor: torch.Tensor, args: tuple[Any, ...]) -> bool:
-    for arg in args:
+    for arg in args:  # noqa: SIM110 (a loop, not any(): no generator on the hot path)
         if arg is tensor:
             return True
     return False

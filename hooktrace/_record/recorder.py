@@ -110,7 +110,7 @@ class Recorder:
             stamp = self.stamp()
             for kind, index, call in targets:
                 events.append((kind, index, call, stamp))
-            if buf.sampled and output_nr < len(grad_outputs):  # gradient flow: sampled steps only
+            if buf.flow and output_nr < len(grad_outputs):  # gradient flow: --flow-every steps only
                 grad = grad_outputs[output_nr]
                 if isinstance(grad, torch.Tensor):
                     norm = gradient_norm(grad)

@@ -71,6 +71,7 @@ class StepTracker:
         recorder: Recorder,
         *,
         sample_every: int,
+        flow_every: int = 0,
         on_step: Callable[[StepBuffer], None],
         on_optimizer: Callable[[StepBuffer, torch.optim.Optimizer, str], None],
         on_backward_end: Callable[[StepBuffer, torch.optim.Optimizer | None, str], None] | None = None,
@@ -78,6 +79,10 @@ class StepTracker:
     ) -> None:
         self.rec = recorder
         self.sample_every = sample_every
+        self.flow_every = flow_every
+        self._next_flow = flow_every
+        """Gradient flow is read on the first sampled step at or after this step number."""
+        recorder.buf.flow = self._flow_due(1, recorder.buf.sampled)
         self._on_step = on_step
         self._on_optimizer = on_optimizer
         self._on_backward_end_cb = on_backward_end or (lambda buf, optimizer, name: None)
@@ -205,7 +210,8 @@ class StepTracker:
             self._active = False
             self.rec.preflight_finished = False
         self.rec.check_outputs = False
-        nxt = StepBuffer(number=number, sampled=sampled, start_ns=end, marks=carry)
+        flow = self._flow_due(number, sampled)
+        nxt = StepBuffer(number=number, sampled=sampled, start_ns=end, marks=carry, flow=flow)
         self._pending_close = False
         self._backward_since_optimizer = False
         self.closed_steps += 1
@@ -216,6 +222,17 @@ class StepTracker:
         buf.overhead_ns += _now() - t0
         self._on_step(buf)
         return buf
+
+    def _flow_due(self, number: int, sampled: bool) -> bool:
+        """``--flow-every``: the sampled step at or after each multiple, and every deep step that
+        hunts the source of a non-finite gradient."""
+        if self.rec.hunt > 0:
+            return True
+        if not sampled or not self.flow_every or number < self._next_flow:
+            return False
+        while self._next_flow <= number:
+            self._next_flow += self.flow_every
+        return True
 
     def _open(self, buf: StepBuffer) -> None:
         """A step begins: its clock, an anchor that maps its device stamps to host time (sampled

@@ -24,6 +24,7 @@ CONFIG_OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("--metrics-addr", {"type": str, "help": "Bind address of /metrics [127.0.0.1]."}),
     ("--otlp-endpoint", {"type": str, "help": "OTLP/HTTP endpoint for traces [OTEL_EXPORTER_OTLP_ENDPOINT]."}),
     ("--sample-every", {"type": int, "help": "Per-module timing on every Nth step [10]."}),
+    ("--flow-every", {"type": int, "help": "Gradient-flow norms every Nth step (a sampled one); 0 = off [100]."}),
     ("--depth", {"type": int, "help": "Module-name depth of metric labels [3]."}),
     ("--max-modules", {"type": int, "help": "Cap on module label values [256]."}),
     ("--backward", {"type": click.Choice(["auto", "full", "off"]), "help": "Backward timing mode [auto]."}),
