@@ -81,7 +81,7 @@ def test_each_optimizer_of_a_gan_gets_the_norm_of_exactly_its_parameters(tmp_pat
     torch.manual_seed(0)
     gen, disc = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 8)), small_net_d()
     g_opt, d_opt = torch.optim.Adam(gen.parameters(), 1e-3), torch.optim.Adam(disc.parameters(), 1e-3)
-    agent = hooktrace.Agent(out=str(tmp_path), metrics_port=0, print_summary=False)
+    agent = hooktrace.Agent(out=str(tmp_path), metrics_port=0, print_summary=False, sample_every=1)
     agent.attach(disc)
     agent.attach(gen)
     bce = nn.BCEWithLogitsLoss()
