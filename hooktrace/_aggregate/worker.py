@@ -65,6 +65,9 @@ class Worker:
         self._on_checkpoint = on_checkpoint
         self._tasks: deque[Callable[[], None]] = deque()
         self.dropped_steps = 0
+        self._cpu_ns = 0
+        """The worker's own CPU time not yet charged to a step: it competes with training for the
+        GIL and the cores, so the overhead the agent reports includes it."""
         self.first_error: str | None = None
         self.started = False
         for exporter in exporters:
@@ -93,6 +96,7 @@ class Worker:
         while True:
             self._wake.wait(POLL_INTERVAL_S)
             self._wake.clear()
+            cpu_start = time.thread_time_ns()
             while self._tasks:
                 try:
                     self._tasks.popleft()()
@@ -115,6 +119,7 @@ class Worker:
                 if urgent:
                     self._urgent.clear()
                     self._urgent_done.set()
+            self._cpu_ns += time.thread_time_ns() - cpu_start
             if self._stop.is_set() and not self._queue:
                 return
 
@@ -169,6 +174,8 @@ class Worker:
 
     def _handle_step(self, buf: StepBuffer) -> None:
         record = self.processor.process(buf)
+        record.overhead_s += self._cpu_ns / 1e9
+        self._cpu_ns = 0
         if buf.dropped_events:
             self.stats.dropped["module_events"] += buf.dropped_events
         self.stats.add(record)

@@ -19,6 +19,7 @@ from torch.utils.hooks import RemovableHandle
 
 from hooktrace._record.buffer import BWD_START, MAX_EVENTS_PER_STEP, StepBuffer
 from hooktrace._record.clock import Clock, CpuClock
+from hooktrace._record.dispatch import hook_dispatch_ns
 from hooktrace._record.hooks import (
     ForwardHookPair,
     HookSet,
@@ -69,6 +70,8 @@ class Recorder:
         self.full_skipped: dict[int, str] = {}
         self.anchor_every_step = False
         """CUDA with DDP timing: every step needs an anchor to read all-reduce completion events."""
+        self.dispatch_ns = hook_dispatch_ns()
+        """PyTorch's cost of calling one of our hooks, outside its body (counted as overhead)."""
         self.hook_errors = 0
         self.first_error: str | None = None
         self.check_outputs = False

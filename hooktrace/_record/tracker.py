@@ -197,7 +197,7 @@ class StepTracker:
             buf.marks = [mark for mark in buf.marks if mark[1] <= end]
         buf.end_ns = end
         buf.forward_inputs = []  # needed only until the optimizer step
-        buf.overhead_ns += buf.hook_ns
+        buf.overhead_ns += buf.hook_ns + len(buf.events) * self.rec.dispatch_ns  # bodies + PyTorch calling them
         buf.hook_errors = self.rec.hook_errors - self._errors_seen
         self._errors_seen = self.rec.hook_errors
         if buf.pending_outputs:
