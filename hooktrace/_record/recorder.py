@@ -29,6 +29,7 @@ from hooktrace._record.hooks import (
     register_module_hooks,
 )
 from hooktrace._record.module_table import ModuleTable
+from hooktrace._record.pickling import exclude_from_pickles
 from hooktrace._record.preflight import Preflight
 
 _vector_norm = torch.linalg.vector_norm
@@ -196,6 +197,7 @@ class Recorder:
             self._root_labels[index] = (label, descend)
         tensor_backward = self.backward != "off"
         for index, module in added:
+            exclude_from_pickles(type(module))  # pickles and deep copies leave our hooks out
             self.modules.append(module)
             self._forward_hooks.append(make_forward_hooks(self, index, tensor_backward))
             pre, post = self._forward_hooks[-1]
