@@ -40,7 +40,7 @@ WORKLOADS = ("tiny-transformer", "transformer", "cnn")
 STEPS = {"tiny-transformer": 1000, "transformer": 200, "cnn": 600}
 WARMUP_STEPS = 20
 SAMPLE_EVERY = 10
-ENTRY_POINTS = ("_on_root_grad", "_on_backward_end", "_optimizer_pre", "_optimizer_post")
+ENTRY_POINTS = ("_on_root_grad", "_on_backward_end", "_on_gradients_final", "_optimizer_pre", "_optimizer_post")
 """StepTracker methods registered as hooks or callbacks (the root hooks are closures)."""
 
 

@@ -383,6 +383,16 @@ class StepTracker:
                 self._grad_probe = next(
                     (p for info in self.rec.table.infos for _, p in info.params if p.grad is not None), None
                 )
+            # after the callbacks queued during backward (DDP's reducer writes the averaged
+            # gradients into .grad in one of them): ours, queued now, runs after them
+            _queue_callback(self._on_gradients_final)
+        except Exception as exc:
+            self.rec.hook_error(exc)
+
+    def _on_gradients_final(self) -> None:
+        """The last end-of-backward callback: the gradients are those the optimizer will see."""
+        try:
+            buf = self.rec.buf
             grad = self._grad_probe.grad if self._grad_probe is not None else None
             self._probe_grad = (weakref.ref(grad), grad._version) if grad is not None else None
             stepping = self._stepping
