@@ -227,7 +227,7 @@ class Agent:
             self._candidate_hook.remove()
             self._candidate_hook = None
         if self.discovery is not None:
-            self.discovery.disable()
+            self.discovery.close()  # its global hooks, the registration watch included
         self.tracker.stop()
         if self._unscale_handle is not None:
             self._unscale_handle.remove()

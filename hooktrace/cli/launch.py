@@ -121,7 +121,8 @@ def run_target(config: Config, target: str, args: list[str], *, module: bool, pr
     if print_summary:
         if summary.steps == 0 and not agent.recorder.table.roots:
             print(
-                "hooktrace: no module with trainable parameters ran a forward pass; nothing was profiled",
+                "hooktrace: no module with trainable parameters ran a training forward pass (grad enabled); "
+                "nothing was profiled",
                 file=sys.stderr,
             )
         else:
