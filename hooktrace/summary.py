@@ -10,6 +10,8 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
+from hooktrace._aggregate.module_stats import row_order
+
 STRAGGLER_RATIO = 1.1
 """A rank is called a straggler when its median step time exceeds the ranks' median by this."""
 
@@ -97,11 +99,13 @@ def find_straggler(ranks: list[dict[str, Any]], modules: list[dict[str, Any]]) -
     others: dict[tuple[str, str], list[float]] = {}
     mine: dict[tuple[str, str], float] = {}
     for row in modules:
-        key = (row["module"], row["phase"])
+        key, value = (row["module"], row["phase"]), row.get("self_s")
+        if value is None:
+            continue  # no steady-state step: nothing to compare
         if row["rank"] == rank:
-            mine[key] = row.get("self_per_step_s", row["per_step_s"])
+            mine[key] = value
         else:
-            others.setdefault(key, []).append(row.get("self_per_step_s", row["per_step_s"]))
+            others.setdefault(key, []).append(value)
     losses = sorted(
         ((value - statistics.median(others[key]), key) for key, value in mine.items() if key in others),
         reverse=True,
@@ -124,7 +128,7 @@ def merge_summaries(parts: list[dict[str, Any]]) -> dict[str, Any]:
     parts = sorted(parts, key=lambda p: p["ranks"][0]["rank"] if p.get("ranks") else 0)
     first = parts[0]
     ranks = [r for p in parts for r in p.get("ranks", [])]
-    modules = sorted((m for p in parts for m in p.get("modules", [])), key=lambda m: m["total_s"], reverse=True)
+    modules = sorted((m for p in parts for m in p.get("modules", [])), key=row_order)
     events = sorted((e for p in parts for e in p.get("events", [])), key=lambda e: (e.get("step", 0), e.get("rank", 0)))
     overheads = [r.get("overhead_ratio", 0.0) for r in ranks]
     merged = dict(first)
@@ -154,6 +158,56 @@ def _ms(seconds: float | None) -> str:
     return f"{seconds * 1e6:.0f} us"
 
 
+def _aligned(rows: list[tuple[str, ...]], left: set[int]) -> list[str]:
+    """Rows of cells as aligned columns: the columns in ``left`` flush left, the others right."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = []
+    for row in rows:
+        cells = (c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+        lines.append(("  " + "  ".join(cells)).rstrip())
+    return lines
+
+
+def module_lines(modules: list[dict[str, Any]], top: int = 10) -> list[str]:
+    """The slowest-modules table: steady-state medians, with step 1 and compile steps beside them.
+
+    Without a steady-state sampled step (a run shorter than ``--sample-every``), the step-1 figures
+    are shown alone and the title says so: they are never passed off as medians."""
+    timed = [m for m in modules if m["phase"] in ("forward", "backward")]
+    steady = sorted((m for m in timed if m.get("total_s") is not None), key=row_order)[:top]
+    if steady:
+        cells: list[tuple[str, ...]] = [
+            ("module", "median", "p90", "self", "calls", "steps", "step 1", "compile steps", "type", "rank")
+        ]
+        for m in steady:
+            compiling = m.get("compile_steps") or 0
+            cells.append((
+                f"{m['phase']} {m['module']}", _ms(m["total_s"]), _ms(m.get("total_p90_s")), _ms(m.get("self_s")),
+                f"x{m.get('calls_per_step') or 0:g}", str(m.get("steps", 0)), _ms(m.get("warmup_total_s")),
+                f"{_ms(m.get('compile_total_s'))} in {compiling}" if compiling else "-",
+                str(m.get("module_type", "")), str(m["rank"]),
+            ))  # fmt: skip
+        title = (
+            f"Slowest modules (top {len(steady)}; median per steady-state sampled step, children included; "
+            "step 1 and compile steps apart):"
+        )
+        return [title, *_aligned(cells, {0, 8})]
+    first = sorted((m for m in timed if m.get("warmup_total_s") is not None), key=lambda m: -m["warmup_total_s"])
+    if not first:
+        return []
+    cells = [("module", "step 1", "self", "calls", "type", "rank")]
+    for m in first[:top]:
+        cells.append((
+            f"{m['phase']} {m['module']}", _ms(m["warmup_total_s"]), _ms(m.get("warmup_self_s")),
+            f"x{m.get('calls', 0):g}", str(m.get("module_type", "")), str(m["rank"]),
+        ))  # fmt: skip
+    title = (
+        f"Slowest modules (top {len(cells) - 1}; step 1 alone, a warm-up step: no steady-state sampled step "
+        "followed it, so no medians; a lower --sample-every samples more):"
+    )
+    return [title, *_aligned(cells, {0, 4})]
+
+
 def render_summary(summary: RunSummary, top: int = 10) -> str:
     lines = [
         f"hooktrace: run {summary.run_id}: {summary.steps} steps on {summary.world_size} "
@@ -167,17 +221,7 @@ def render_summary(summary: RunSummary, top: int = 10) -> str:
             if phase in r.get("phases", {})
         )
         lines.append(f"  rank {r['rank']}: step {_ms(r.get('step_time_s'))}  {phases}")
-    rows = [m for m in summary.modules if m["phase"] in ("forward", "backward")][:top]
-    if rows:
-        lines.append(f"Slowest modules (per sampled step; inclusive / self; top {len(rows)}):")
-        width = max(len(f"{m['phase']} {m['module']}") for m in rows)
-        for m in rows:
-            name = f"{m['phase']} {m['module']}"
-            self_per_step = m["self_s"] / max(m.get("steps", 1), 1)
-            lines.append(
-                f"  {name:<{width}}  {_ms(m['per_step_s']):>10}  {_ms(self_per_step):>10}  "
-                f"x{m['calls'] / max(m.get('steps', 1), 1):g}  {m['module_type']}  (rank {m['rank']})"
-            )
+    lines += module_lines(summary.modules, top)
     counts: dict[str, int] = {}
     for r in summary.ranks:
         for kind, n in r.get("event_counts", {}).items():

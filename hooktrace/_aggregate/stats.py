@@ -1,7 +1,9 @@
 """Running aggregates of one rank: the source of metrics snapshots and of the run summary.
 
-Bounded over any number of steps: totals per (module, phase), fixed histograms, a ring of recent
-step times for medians, and at most ``MAX_EVENTS`` kept events (the rest only counted).
+Bounded over any number of steps: per (module, phase) a ring of recent steady-state per-step
+values (``module_stats``), fixed histograms, a ring of recent step times for medians, and at most
+``MAX_EVENTS`` kept events (the rest only counted). A partial step (the run ended inside it) is
+not a step: it adds its events and gradient norms, nothing else.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from hooktrace._aggregate.module_stats import ModuleTimes
 from hooktrace._aggregate.snapshot import (
     MODULE_TYPE_BUCKETS,
     PHASES,
@@ -23,20 +26,6 @@ from hooktrace._aggregate.step_record import StepEvent, StepRecord
 
 MAX_EVENTS = 1000
 RECENT_STEPS = 4096
-
-
-@dataclass(slots=True)
-class ModuleTotals:
-    """Time of one module in one phase, summed over sampled steps."""
-
-    module: str
-    label: str
-    module_type: str
-    phase: str
-    total_ns: int = 0
-    self_ns: int = 0
-    calls: int = 0
-    steps: int = 0
 
 
 @dataclass(slots=True)
@@ -55,7 +44,9 @@ class RankStats:
     """Step time minus exposed all-reduce wait: in synchronous DDP every rank has the same step
     time, and the straggler is the rank that the others wait for."""
     recent_phases: dict[str, deque[float]] = field(default_factory=dict)
-    modules: dict[tuple[int, str], ModuleTotals] = field(default_factory=dict)
+    modules: ModuleTimes = field(default_factory=ModuleTimes)
+    partial_steps: int = 0
+    compile_steps: int = 0
     type_hist: dict[tuple[str, str], Histogram] = field(default_factory=dict)
     grad_norms: dict[str, float] = field(default_factory=dict)
     grad_norm_ratio: float | None = None
@@ -77,8 +68,13 @@ class RankStats:
             self.phase_hist[phase] = Histogram(STEP_BUCKETS)
 
     def add(self, record: StepRecord) -> None:
-        """Fold one step in."""
+        """Fold one step in (a partial one only for its events and norms)."""
+        self._add_health(record)
+        if record.partial:
+            self.partial_steps += 1
+            return
         self.steps += 1
+        self.compile_steps += int(record.compiled)
         self.micro_batches += record.micro_batches
         duration = record.duration_s
         self.train_time_s += duration
@@ -95,6 +91,9 @@ class RankStats:
         if record.spans:
             self.sampled_steps += 1
             self._add_spans(record)
+
+    def _add_health(self, record: StepRecord) -> None:
+        """Gradient norms and events: what happened counts even in a partial step."""
         self.grad_norms.update(record.module_grad_norms)
         if record.grad_norm is not None:
             self.grad_norms["__total__"] = record.grad_norm
@@ -111,19 +110,9 @@ class RankStats:
             self._add_event(record.step, event)
 
     def _add_spans(self, record: StepRecord) -> None:
-        seen: set[tuple[int, str]] = set()
+        self.modules.add(record)
         for span in record.spans:
-            key = (span.index, span.phase)
-            totals = self.modules.get(key)
-            if totals is None:
-                totals = self.modules[key] = ModuleTotals(span.module, span.label, span.module_type, span.phase)
             inclusive = span.end_ns - span.start_ns
-            totals.total_ns += inclusive
-            totals.self_ns += span.self_ns
-            totals.calls += 1
-            if key not in seen:
-                totals.steps += 1
-                seen.add(key)
             hist = self.type_hist.get((span.module_type, span.phase))
             if hist is None:
                 hist = self.type_hist[(span.module_type, span.phase)] = Histogram(MODULE_TYPE_BUCKETS)
@@ -140,15 +129,6 @@ class RankStats:
         else:
             self.dropped["events"] += 1
 
-    def _label_durations(self) -> dict[tuple[str, str], tuple[float, int]]:
-        """(label, phase) -> (seconds, calls): the module totals summed by metric label."""
-        sums: dict[tuple[str, str], list[int]] = {}
-        for totals in self.modules.values():
-            entry = sums.setdefault((totals.label, totals.phase), [0, 0])
-            entry[0] += totals.total_ns
-            entry[1] += totals.calls
-        return {key: (ns / 1e9, calls) for key, (ns, calls) in sums.items()}
-
     def snapshot(self) -> MetricsSnapshot:
         """An immutable copy for exporters (swapped in after each step)."""
         return MetricsSnapshot(
@@ -156,7 +136,7 @@ class RankStats:
             steps_total=self.steps,
             step_duration=self.step_hist.copy(),
             phase_duration={phase: hist.copy() for phase, hist in self.phase_hist.items()},
-            module_duration=self._label_durations(),
+            module_duration=self.modules.label_durations(),
             module_type_duration={key: hist.copy() for key, hist in self.type_hist.items()},
             grad_norm=dict(self.grad_norms),
             grad_norm_ratio=self.grad_norm_ratio,
@@ -183,6 +163,8 @@ class RankStats:
             "device": self.info.device,
             "steps": self.steps,
             "sampled_steps": self.sampled_steps,
+            "compile_steps": self.compile_steps,
+            "partial_steps": self.partial_steps,
             "micro_batches": self.micro_batches,
             "step_time_s": statistics.median(self.recent_steps) if self.recent_steps else None,
             "busy_time_s": statistics.median(self.recent_busy) if self.recent_busy else None,
@@ -196,22 +178,6 @@ class RankStats:
         }
 
     def module_rows(self) -> list[dict[str, Any]]:
-        """Per module and phase: totals over sampled steps (summary ``modules``)."""
-        rows: list[dict[str, Any]] = []
-        for (_, phase), totals in self.modules.items():
-            rows.append(
-                {
-                    "module": totals.module,
-                    "module_type": totals.module_type,
-                    "phase": phase,
-                    "total_s": totals.total_ns / 1e9,
-                    "self_s": totals.self_ns / 1e9,
-                    "calls": totals.calls,
-                    "steps": totals.steps,
-                    "per_step_s": totals.total_ns / 1e9 / max(totals.steps, 1),
-                    "self_per_step_s": totals.self_ns / 1e9 / max(totals.steps, 1),
-                    "rank": self.info.rank,
-                }
-            )
-        rows.sort(key=lambda row: row["total_s"], reverse=True)
-        return rows
+        """Per module and phase: steady-state medians, warm-up and compile figures apart (summary
+        ``modules``; fields in ``module_stats.ModuleStats.row``)."""
+        return self.modules.rows(self.info.rank)

@@ -227,6 +227,8 @@ def _module_key(labels: Mapping[str, str]) -> tuple[str, str]:
 
 
 def _modules(pairs: list[tuple[Scrape, Scrape | None]], top: int) -> list[ModuleRow]:
+    """Per (phase, module label), summed over ranks. A label cut to ``--depth`` is its covering
+    module (the exporter never adds the descendants folded into it), so mean/call is that module's."""
     totals: dict[tuple[str, str], list[float]] = {}  # (phase, module) -> [sum, count, Δsum, Δcount]
     has_before = any(b is not None and b.series is not None for _, b in pairs)
     for now, before in pairs:
@@ -321,7 +323,9 @@ def render(view: View, note: str = "") -> RenderableType:
         )  # fmt: skip
     parts: list[RenderableType] = [header, ranks]
     parts += [Text(f"  rank {r.rank} {r.address} down: {r.error}", "red") for r in view.ranks if r.error]
-    modules = _table("Slowest modules (sampled steps, all ranks)", "phase|module", "mean/call|calls|Δ time|Δ mean/call")
+    modules = _table(
+        "Slowest modules (steady-state sampled steps, all ranks)", "phase|module", "mean/call|calls|Δ time|Δ mean/call"
+    )
     for m in view.modules:
         modules.add_row(m.phase, m.module, _s(m.mean_s), f"{m.calls:.0f}", _s(m.delta_s), _s(m.recent_mean_s))
     events = _table("Events (all ranks)", "event", "total|Δ|detail")
@@ -329,7 +333,7 @@ def render(view: View, note: str = "") -> RenderableType:
     for name, total, delta, detail in view.events:
         style = "red" if total and name not in ("dropped", "grad clips") else ""
         events.add_row(Text(name, style), f"{total:g}", "-" if delta is None else f"+{delta:g}", detail)
-    no_modules = Text("\nno module timings yet (they come with sampled steps)\n", "dim")
+    no_modules = Text("\nno module timings yet (they come with the sampled steps after step 1)\n", "dim")
     return Group(*parts, modules if view.modules else no_modules, events)
 
 

@@ -12,6 +12,12 @@ Besides the metrics of DESIGN §4 the collector exposes these self-metrics:
 - ``hooktrace_scrape_size_bytes`` (gauge): uncompressed size of the previous ``/metrics`` response,
   so that a label explosion shows up before Prometheus' ``body_size_limit`` rejects the scrape.
 
+``hooktrace_module_duration_seconds{module,phase}`` comes from steady-state sampled steps (not step 1,
+not steps during which torch.compile compiled). A ``module`` value cut to ``--depth`` stands for the
+subtree it covers: its sum is the covering module's inclusive time and its count that module's calls;
+descendants folded into the same label are never added on top (a never-called container such as a
+``ModuleList`` lets its called children stand for the label side by side).
+
 Every series carries ``run_id`` and ``rank``. Counters are exposed without ``_created`` series.
 Step, phase and module-type histograms carry an OpenMetrics exemplar ``{trace_id="..."}`` on the
 bucket of the latest sampled observation (visible when the scraper asks for OpenMetrics).
@@ -133,7 +139,7 @@ def _families(snap: MetricsSnapshot, scrape_size: int | None) -> Iterator[Metric
 
     summary = SummaryMetricFamily(
         "hooktrace_module_duration_seconds",
-        "Time in a module on sampled steps, children included.",
+        "Time in the module a label stands for, children included, on steady-state sampled steps.",
         labels=(*_BASE, "module", "phase"),
         unit="seconds",
     )
