@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install demo test check lint typecheck bench dashboards stack stack-down clean
+.PHONY: install demo test test-servers check lint typecheck bench dashboards stack stack-down clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +19,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/hooktrace run examples/train_transformer.py --steps 300
 
-test: $(STAMP)
+# The whole suite: the integration and e2e tests start real Prometheus and Alertmanager servers,
+# so test-servers installs them first (Debian packages) or stops with the line to run.
+test: test-servers $(STAMP)
 	$(PY) -m pytest -q tests
+
+test-servers:
+	@bash tests/ensure_servers.sh
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check hooktrace tests benchmarks examples grafana deploy

@@ -13,7 +13,8 @@ and is a context manager that stops it. A typical pipeline test::
         ...  # start something that serves /metrics on `port`
         alert = webhook.wait_for_alert("HooktraceGradientExplosion", timeout=60)
 
-Binaries missing on a developer machine skip the test; with ``CI`` set they fail it.
+Binaries missing on a developer machine skip the test; with ``CI`` set they fail it. ``make test``
+installs them first (``tests/ensure_servers.sh``), so it skips none of these tests.
 """
 
 from __future__ import annotations
@@ -64,7 +65,10 @@ def require_binary(name: str, *alternatives: str) -> str:
         if path is not None:
             return path
     names = " or ".join(repr(n) for n in (name, *alternatives))
-    reason = f"{names} not found on PATH or in /usr/bin (Debian packages: prometheus, prometheus-alertmanager)"
+    reason = (
+        f"{names} not found on PATH or in /usr/bin (`make test` installs them, or: "
+        "sudo apt-get install prometheus prometheus-alertmanager)"
+    )
     if os.environ.get("CI"):
         pytest.fail(reason)
     pytest.skip(reason)
