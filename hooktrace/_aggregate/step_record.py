@@ -120,11 +120,10 @@ class StepRecord:
             out["partial"] = True
         if self.compiled:
             out["compiled"] = True
-        if self.sampled or self.events:  # the total every step; the detail where it is looked at
-            if self.module_grad_norms:
-                out["module_grad_norms"] = self.module_grad_norms
-            if self.param_grad_norms:
-                out["param_grad_norms"] = self.param_grad_norms
+        if self.module_grad_norms and (self.sampled or self.events):  # the total every step, detail where looked at
+            out["module_grad_norms"] = self.module_grad_norms
+        if self.param_grad_norms:  # every parameter on sampled steps; --watch parameters every step
+            out["param_grad_norms"] = self.param_grad_norms
         if self.output_grad_norms:
             out["output_grad_norms"] = self.output_grad_norms
         if self.buffer_norms:

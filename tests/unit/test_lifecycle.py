@@ -276,8 +276,9 @@ def test_watched_modules_and_parameters_are_reported_on_every_step(tmp_path: Pat
     _train(model, 5)
     summary = agent.close()
     rows = {(m["module"], m["phase"]): m for m in summary.modules}
-    assert rows[("out", "forward")]["steps"] == 5  # watched: every step
-    assert rows[("block.0", "forward")]["steps"] == 1  # not watched: sampled step 1 only
+    assert rows[("out", "forward")]["steps"] == 4  # watched: every steady step (step 1 is warm-up)
+    assert rows[("block.0", "forward")]["steps"] == 0  # not watched: sampled step 1 only
+    assert rows[("block.0", "forward")]["warmup_total_s"] is not None
     steps = read_steps(tmp_path)
     assert all("block.0.weight" in s.get("param_grad_norms", {}) for s in steps)
     assert "out.weight" not in steps[1].get("param_grad_norms", {})
@@ -410,7 +411,7 @@ def test_watch_names_on_a_ddp_model_are_the_inner_models_names(tmp_path: Path) -
         rows = {(m["module"], m["phase"]): m for m in agent.close().modules}
     finally:
         dist.destroy_process_group()
-    assert rows[("out", "forward")]["steps"] == 3  # the watched module: every step
+    assert rows[("out", "forward")]["steps"] == 2  # the watched module: every steady step (step 1 apart)
     assert all("block.0.weight" in s.get("param_grad_norms", {}) for s in read_steps(tmp_path))
 
 
