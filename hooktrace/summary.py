@@ -34,12 +34,16 @@ class RunSummary:
     grad_consistency: dict[str, Any] | None = None
     out_dir: str | None = None
     device: str = "cpu"
+    step_source: str | None = None
+    """``optimizer`` (torch.optim step hooks) or ``backward`` (no optimizer: a backward followed
+    by a gradient reset is a step); None before any step."""
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "run_id": self.run_id,
             "world_size": self.world_size,
             "steps": self.steps,
+            "step_source": self.step_source,
             "device": self.device,
             "ranks": self.ranks,
             "straggler": self.straggler,
@@ -70,6 +74,7 @@ class RunSummary:
             grad_consistency=data.get("grad_consistency"),
             out_dir=data.get("out_dir"),
             device=data.get("device", "cpu"),
+            step_source=data.get("step_source"),
         )
 
     def render(self, top: int = 10) -> str:
@@ -208,11 +213,37 @@ def module_lines(modules: list[dict[str, Any]], top: int = 10) -> list[str]:
     return [title, *_aligned(cells, {0, 4})]
 
 
+def step_source_lines(summary: RunSummary) -> list[str]:
+    """Where steps and gradient norms came from: which optimizers, or backward alone; clipping."""
+    rank = summary.ranks[0] if summary.ranks else {}
+    lines = []
+    optimizers = rank.get("optimizers") or {}
+    if summary.step_source == "backward":
+        lines.append(
+            "Steps: one per backward followed by a gradient reset (no torch.optim optimizer stepped); "
+            "norms from the end of each backward"
+        )
+    elif len(optimizers) > 1:
+        lines.append(
+            "Steps: optimizer steps of "
+            + ", ".join(f"{name} ({n})" for name, n in sorted(optimizers.items()))
+            + "; each step's norms cover the parameters its optimizer updates"
+        )
+    clipped = rank.get("clipped_steps", 0)
+    if clipped:
+        lines.append(
+            f"The script clipped (changed) gradients after backward on {clipped} steps; "
+            "gradient norms are from before its clipping"
+        )
+    return lines
+
+
 def render_summary(summary: RunSummary, top: int = 10) -> str:
     lines = [
         f"hooktrace: run {summary.run_id}: {summary.steps} steps on {summary.world_size} "
         f"rank{'s' if summary.world_size != 1 else ''} ({summary.device})"
     ]
+    lines += step_source_lines(summary)
     lines.append("Step breakdown (median per step):")
     for r in summary.ranks:
         phases = "  ".join(

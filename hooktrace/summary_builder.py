@@ -49,6 +49,7 @@ def build_summary(agent: Agent) -> RunSummary:
         notes=notes,
         out_dir=agent.out_dir if agent.config.write_files else None,
         device=agent.info.device,
+        step_source=rank["step_source"],
     )
 
 

@@ -47,6 +47,10 @@ class RankStats:
     modules: ModuleTimes = field(default_factory=ModuleTimes)
     partial_steps: int = 0
     compile_steps: int = 0
+    optimizer_steps: Counter[str] = field(default_factory=Counter)
+    """Steps per optimizer name (``Adam#0``); empty when steps came from backward alone."""
+    clipped_steps: int = 0
+    """Steps whose gradients the script changed after backward (clipping): norms are from before."""
     type_hist: dict[tuple[str, str], Histogram] = field(default_factory=dict)
     grad_norms: dict[str, float] = field(default_factory=dict)
     grad_norm_ratio: float | None = None
@@ -75,6 +79,9 @@ class RankStats:
             return
         self.steps += 1
         self.compile_steps += int(record.compiled)
+        self.clipped_steps += int(record.clipped_by_script)
+        if record.optimizer:
+            self.optimizer_steps.update(record.optimizer.split(","))
         self.micro_batches += record.micro_batches
         duration = record.duration_s
         self.train_time_s += duration
@@ -165,6 +172,9 @@ class RankStats:
             "sampled_steps": self.sampled_steps,
             "compile_steps": self.compile_steps,
             "partial_steps": self.partial_steps,
+            "step_source": ("optimizer" if self.optimizer_steps else "backward") if self.steps else None,
+            "optimizers": dict(self.optimizer_steps),
+            "clipped_steps": self.clipped_steps,
             "micro_batches": self.micro_batches,
             "step_time_s": statistics.median(self.recent_steps) if self.recent_steps else None,
             "busy_time_s": statistics.median(self.recent_busy) if self.recent_busy else None,
