@@ -1,4 +1,4 @@
-"""OpenTelemetry traces of sampled steps (DESIGN §5), built after the step on the worker thread.
+"""OpenTelemetry traces of sampled steps and event steps (DESIGN §5), built on the worker thread.
 
 Never block training: spans are made from the step's recorded timestamps once the step is over,
 on the worker thread, through a private ``TracerProvider`` (the global one stays the user's).
@@ -11,6 +11,13 @@ counted (``hooktrace_dropped_total{what="spans"}``, ``summary.json`` ranks[].dro
 One trace per sampled step, shared by all ranks without communication: the trace id is the
 agent's hash(run id, restart count, step), and the root ``step {n}`` (emitted by rank 0) has a
 span id derived from it, so every rank parents its ``rank {r}`` span to it.
+
+A step with an event (a gradient spike, a non-finite gradient, a clip, an AMP skip, a hook
+error) gets its trace too, sampled or not, so that the event can be found in the trace backend:
+the root, ``rank {r}`` and its phases, with the event as a span event; an unsampled step has no
+module spans (nothing timed them), and its ``rank {r}`` span says ``hooktrace.sampled = false``.
+An event lands on the span of its module in its phase, else on the span of its step phase, else
+on the module's span in another phase, else on ``rank {r}``.
 """
 
 from __future__ import annotations
@@ -46,11 +53,12 @@ from opentelemetry.sdk.trace.id_generator import IdGenerator
 from hooktrace._version import __version__
 from hooktrace.config import trace_rank_list
 from hooktrace.errors import HooktraceError
+from hooktrace.export.ids import step_trace_id
 
 if TYPE_CHECKING:
     from hooktrace._aggregate.snapshot import MetricsSnapshot, RankInfo
     from hooktrace._aggregate.stats import RankStats
-    from hooktrace._aggregate.step_record import ModuleSpan, StepRecord
+    from hooktrace._aggregate.step_record import ModuleSpan, StepEvent, StepRecord
 
 MAX_QUEUE_SIZE = 8192
 """Spans waiting for the collector: a few sampled steps of a 1000-module model; beyond, drops."""
@@ -63,7 +71,8 @@ CLOSE_TIMEOUT_S = 3.0
 AUTO_ALL_RANKS = 8
 """``--trace-ranks auto`` traces every rank up to this world size, else rank 0 and the slowest."""
 TRACES_PATH = "/v1/traces"
-SPAN_EVENTS = ("grad_spike", "nonfinite")
+SPAN_EVENTS = ("grad_spike", "nonfinite", "grad_clip", "amp_skip", "hook_error")
+"""Every kind of ``StepEvent``: each becomes a span event named like it."""
 _PHASE_OF = {"forward": "forward", "eval": "eval", "backward": "backward", "recompute": "backward", "input": "forward"}
 """Module phase -> the step phase its spans and events live under (recompute runs inside backward;
 ``input``, a NaN batch, is an event on the root's forward)."""
@@ -243,7 +252,7 @@ class _FirstOnly(logging.Filter):
 
 
 class OtelExporter:
-    """Spans of sampled steps to an OTLP collector. Worker thread only (``close`` after it stops).
+    """Spans of sampled and event steps to an OTLP collector. Worker thread only (``close`` after it stops).
 
     ``span_exporter`` replaces the OTLP exporter (tests pass an ``InMemorySpanExporter``).
     """
@@ -346,8 +355,9 @@ class OtelExporter:
 
     def export_step(self, step: StepRecord) -> None:
         tracer = self._tracer
-        if tracer is not None and step.spans and step.trace_id:
-            _StepSpans(self, tracer, step).emit()
+        if tracer is not None and (step.spans or step.events):
+            trace_id = step.trace_id or step_trace_id(self.info.run_id, self.restart_count, step.step)
+            _StepSpans(self, tracer, step, trace_id).emit()
         self._sync_stats()
 
     def refresh(self, snapshot: MetricsSnapshot) -> None:
@@ -394,10 +404,11 @@ class OtelExporter:
 class _StepSpans:
     """One step's span tree: made in time order with parents first, events added, then ended."""
 
-    def __init__(self, exporter: OtelExporter, tracer: trace.Tracer, step: StepRecord) -> None:
+    def __init__(self, exporter: OtelExporter, tracer: trace.Tracer, step: StepRecord, trace_id: str) -> None:
         self.x = exporter
         self.tracer = tracer
         self.step = step
+        self.trace_hex = trace_id
         self.offset = step.wall_start_ns - step.start_ns
         self.lo = step.start_ns
         self.hi = max(step.end_ns, step.start_ns)
@@ -416,7 +427,7 @@ class _StepSpans:
     def emit(self) -> None:
         x, step = self.x, self.step
         ids = x._ids
-        trace_hex = step.trace_id or ""
+        trace_hex = self.trace_hex
         trace_id = int(trace_hex, 16)
         root_id = root_span_id(trace_hex)
         ids.trace_id = trace_id
@@ -448,6 +459,8 @@ class _StepSpans:
         attrs = dict(base)
         if step.grad_norm is not None and math.isfinite(step.grad_norm):
             attrs["hooktrace.grad_norm"] = step.grad_norm
+        if not step.sampled:
+            attrs["hooktrace.sampled"] = False  # an event step: no module spans
         rank_span = self._start(f"rank {self.x.info.rank}", parent, self.lo, self.hi, attrs)
         phases: list[tuple[str, int, int, trace.Span]] = []
         for phase, s, e in step.phase_spans:
@@ -480,9 +493,10 @@ class _StepSpans:
             self.by_name.setdefault(m.module, []).append((m, span, e))
             if m.label != m.module:
                 self.by_name.setdefault("label:" + m.label, []).append((m, span, e))
+        by_phase = {phase: (span, e) for phase, _, e, span in phases}  # the last interval of each phase
         for event in step.events:
             if event.kind in SPAN_EVENTS:
-                self._event(event.kind, event.module, event.phase, event.value, event.detail, rank_span)
+                self._event(event, by_phase, rank_span)
 
     def _watched(self, module: str) -> bool:
         return any(module == w or module.startswith(w + ".") for w in self.x.watch)
@@ -497,26 +511,30 @@ class _StepSpans:
             index, seen = parent_of.get(index, -1), seen + 1
         return None
 
-    def _event(
-        self, kind: str, module: str, phase: str, value: float | None, detail: dict[str, Any], fallback: trace.Span
-    ) -> None:
+    def _event(self, event: StepEvent, by_phase: dict[str, tuple[trace.Span, int]], fallback: trace.Span) -> None:
+        module, phase, value, detail = event.module, event.phase, event.value, event.detail
         candidates = (
             self.by_name.get(str(detail.get("first_module", "")))
             or self.by_name.get(module)
             or self.by_name.get("label:" + module)
+            or []
         )
+        home = _PHASE_OF.get(phase, phase)
+        own = [c for c in candidates if c[0].phase == home]
         target, at = fallback, self.hi
-        if candidates:
-            home = _PHASE_OF.get(phase, phase)
-            best = [c for c in candidates if c[0].phase == home] or candidates
-            _, target, at = min(best, key=lambda c: c[0].depth)
+        if own:
+            _, target, at = min(own, key=lambda c: c[0].depth)
+        elif home in by_phase:
+            target, at = by_phase[home]
+        elif candidates:
+            _, target, at = min(candidates, key=lambda c: c[0].depth)
         attrs: dict[str, Any] = {"hooktrace.module": module, "hooktrace.phase": phase}
         if value is not None and math.isfinite(value):
             attrs["hooktrace.value"] = value
         for key, item in detail.items():
             if isinstance(item, (str, bool, int, float)):
                 attrs[f"hooktrace.{key}"] = item
-        target.add_event(kind, attrs, timestamp=at + self.offset)
+        target.add_event(event.kind, attrs, timestamp=at + self.offset)
 
 
 def _clamp(start: int, end: int, lo: int, hi: int) -> tuple[int, int]:

@@ -4,6 +4,10 @@ Written as the JSON Array Format, streamed as steps arrive, closed with ``]`` at
 format allows a missing ``]``, so Perfetto and chrome://tracing also open the file of a killed
 run. Events: ``step {n}`` > phases > ``forward {module}`` / ``backward {module}``, on one track
 per rank so they nest by time; timestamps are wall-clock microseconds, so ranks line up.
+
+A step with an event (``grad_spike``, ``nonfinite``, ``grad_clip``, ``amp_skip``, ``hook_error``)
+is written too, sampled or not: its step and phase slices (no module slices on an unsampled
+step: nothing timed them) and one instant event per event, at the end of the step.
 """
 
 from __future__ import annotations
@@ -97,7 +101,7 @@ class PerfettoExporter:
         )
 
     def export_step(self, step: StepRecord) -> None:
-        if not step.spans:
+        if not step.spans and not step.events:
             return
         self._pending = []
         try:
@@ -114,7 +118,13 @@ class PerfettoExporter:
             "step",
             step.start_ns,
             step.end_ns,
-            {"step": step.step, "rank": step.rank, "grad_norm": step.grad_norm, "trace_id": step.trace_id},
+            {
+                "step": step.step,
+                "rank": step.rank,
+                "grad_norm": step.grad_norm,
+                "trace_id": step.trace_id,
+                "sampled": step.sampled,
+            },
         )
         for phase, start, end in step.phase_spans:
             self._complete(phase, "phase", start, end, {"step": step.step, "phase": phase})

@@ -2,6 +2,18 @@
 
 Runs on the worker thread in ``warn`` mode, and on the training thread at the optimizer
 pre-hook when the user asked to ``clip`` or ``raise`` (the decision must precede the step).
+
+The spike rule (``grad_spike`` events, ``hooktrace_grad_spike_steps_total``, the
+``HooktraceGradientExplosion`` alert, ``--on-explosion``), with F = ``--explode-factor``:
+
+- total norm: a spike when it exceeds F x the rolling median of the total over the last
+  ``window`` (50) steps, once that history holds ``warmup`` (10) steps;
+- a module's norm (its own parameters, aggregated to ``--depth``): a spike when it exceeds F x
+  its own rolling median after the same warm-up, **and** is at least :data:`MODULE_FLOOR` x
+  the rolling median of the total norm (itself warmed up). A module far below the total is
+  noise for the model however much it jumps relative to itself.
+
+``--on-explosion clip`` applies the module rule to each tensor (its own median, the same floor).
 """
 
 from __future__ import annotations
@@ -15,6 +27,19 @@ from hooktrace._aggregate.snapshot import TOTAL
 from hooktrace._record.module_table import ModuleTable
 from hooktrace.health.norms import ParamRef
 from hooktrace.health.spikes import SpikeDetector
+
+MODULE_FLOOR = 0.05
+"""A module spike also needs a norm of at least this fraction of the total norm's rolling median.
+
+Why 0.05: a module at 5 % of the total adds 0.25 % to the total's square (the total moves by
+0.13 %), so below it a "spike" changes neither the update nor the loss in a way anyone
+can act on; the false alarm this stops was a last layer at 0.004 of a total of ~1 jumping 10x
+to 0.0047. The floor still catches what matters: a module whose norm is 1/sqrt(N) of the total
+(N equal modules; 0.0625 for 256, the default --max-modules) is above it already, and any
+module blowing up to 5 % of the total or more is reported, as is the total itself. 0.1 would
+miss a 10x jump of a module that normally holds 0.5-1 % of the total, which can be the first
+sign of a layer going unstable.
+"""
 
 
 @dataclass(slots=True)
@@ -51,9 +76,22 @@ class GradHealth:
         self._labels_for: list[ParamRef] | None = None
 
     def evaluate(
-        self, params: list[ParamRef], present: list[int], values: list[float], *, detail: bool, per_param: bool
+        self,
+        params: list[ParamRef],
+        present: list[int],
+        values: list[float],
+        *,
+        detail: bool,
+        per_param: bool,
+        total_series: str = TOTAL,
     ) -> Verdict:
-        """Aggregate per-parameter norms and detect spikes. ``values[i]`` is the norm of ``present[i]``."""
+        """Aggregate per-parameter norms and detect spikes (module docstring: the rule).
+        ``values[i]`` is the norm of ``present[i]``.
+
+        ``total_series`` names the detector series of the total norm: one per optimizer (such as
+        ``"__total__/Adam#1"``) gives each optimizer of a GAN its own baseline, and its modules'
+        series and floor follow it. The verdict names the total ``__total__`` whatever the series.
+        """
         verdict = Verdict()
         if not values:
             return verdict
@@ -64,6 +102,8 @@ class GradHealth:
             self._labels = [infos[ref.module].label for ref in params]
             self._labels_for = params
         labels, watched = self._labels, self.watch_params
+        baseline = self.detector.baseline(total_series)  # before this step: a spike does not lift its own floor
+        floor = math.inf if baseline is None else MODULE_FLOOR * baseline
         for pos, value in zip(present, values, strict=True):
             if not math.isfinite(value):
                 verdict.nonfinite = True
@@ -77,19 +117,20 @@ class GradHealth:
             if per_param:
                 ref = params[pos]
                 threshold = self.param_detector.threshold(ref.name)
-                spike, _ = self.param_detector.check(ref.name, value)
+                spike, _ = self.param_detector.check(ref.name, value, floor)
                 if spike and threshold is not None:
                     verdict.spike_params[pos] = threshold
         verdict.module_norms = {label: math.sqrt(sq) for label, sq in sq_label.items()}
         if verdict.nonfinite:
             return verdict
         verdict.total = math.sqrt(sq_total)
-        spike, ratio = self.detector.check(TOTAL, verdict.total)
+        spike, ratio = self.detector.check(total_series, verdict.total)
         verdict.ratio = ratio
         if spike:
             verdict.spike_modules[TOTAL] = (verdict.total, ratio or 0.0)
+        prefix = "" if total_series == TOTAL else total_series + "|"  # modules shared by two optimizers
         for label, norm in verdict.module_norms.items():
-            m_spike, m_ratio = self.detector.check(label, norm)
+            m_spike, m_ratio = self.detector.check(prefix + label, norm, floor)
             if m_spike:
                 verdict.spike_modules[label] = (norm, m_ratio or 0.0)
         verdict.spike = bool(verdict.spike_modules)

@@ -4,6 +4,10 @@ A spike is a finite value above ``factor`` x the median of the same series over 
 ``window`` steps, after ``warmup`` steps. Spikes enter the history too: a median ignores a few
 outliers, and a lasting change of level becomes the new baseline within half a window instead
 of being reported at every later step. Non-finite values never enter it.
+
+A caller may add an absolute ``floor``: the value must also reach it to count as a spike (the
+per-module floor of :class:`hooktrace.health.monitor.GradHealth`); it enters the history all
+the same.
 """
 
 from __future__ import annotations
@@ -48,9 +52,9 @@ class SpikeDetector:
         self.max_series = max_series
         self._series: dict[str, RollingMedian] = {}
 
-    def check(self, name: str, value: float) -> tuple[bool, float | None]:
+    def check(self, name: str, value: float, floor: float = 0.0) -> tuple[bool, float | None]:
         """``(is_spike, ratio to median)``; records ``value`` in the history (evicting the oldest
-        once the window is full)."""
+        once the window is full). A spike is also at least ``floor``."""
         series = self._series.get(name)
         if series is None:
             if len(self._series) >= self.max_series:
@@ -60,9 +64,22 @@ class SpikeDetector:
             return False, None
         med = series.median()
         ratio = value / med if med else None
-        spike = med is not None and len(series.values) >= self.warmup and med > 0 and value > self.factor * med
+        spike = (
+            med is not None
+            and len(series.values) >= self.warmup
+            and med > 0
+            and value > self.factor * med
+            and value >= floor
+        )
         series.add(value)
         return spike, ratio
+
+    def baseline(self, name: str) -> float | None:
+        """The rolling median of ``name`` once it holds ``warmup`` values, else None."""
+        series = self._series.get(name)
+        if series is None or len(series.values) < self.warmup:
+            return None
+        return series.median()
 
     def threshold(self, name: str) -> float | None:
         """The value above which ``name`` counts as a spike, once warmed up."""

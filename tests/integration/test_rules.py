@@ -81,3 +81,13 @@ def test_the_unit_tests_cover_every_alert_firing_and_not_firing_and_every_record
     assert fired == DESIGN_ALERTS
     assert silent == DESIGN_ALERTS
     assert all(name in checked_exprs for name in DESIGN_RECORDING_RULES)
+
+
+def test_the_explosion_alert_describes_the_agents_spike_rule_with_its_module_floor() -> None:
+    from hooktrace.health.monitor import MODULE_FLOOR
+
+    alert = next(rule for rule in _alerts() if rule["alert"] == "HooktraceGradientExplosion")
+    assert "hooktrace_grad_spike_steps_total" in alert["expr"]  # steps with any grad_spike event
+    description = " ".join(alert["annotations"]["description"].split())
+    assert f"a module's norm of at least {MODULE_FLOOR:.0%} of the total" in description
+    assert "--explode-factor times its rolling median" in description

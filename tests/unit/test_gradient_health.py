@@ -451,3 +451,117 @@ def test_device_scalars_reach_the_host_keyed_by_module() -> None:
     copied = HostCopy(pairs)  # what a CUDA step starts on the training thread at close
     assert resolve_pairs(copied)[0] == (3, 1.5) and resolve_pairs(copied)[2] == (3, 2.0)
     assert math.isnan(resolve_pairs(pairs)[1][1]) and resolve_pairs([]) == []
+
+
+class _Judge:
+    """A ``GradHealth`` over four one-tensor modules labelled 0-3, fed per-module norms directly."""
+
+    def __init__(self) -> None:
+        from hooktrace._record.module_table import ModuleTable
+        from hooktrace.health.monitor import GradHealth
+        from hooktrace.health.norms import ParamRef
+
+        model = nn.Sequential(*(nn.Linear(2, 2, bias=False) for _ in range(4)))
+        table = ModuleTable(depth=3, max_modules=256)
+        table.add_root(model, "")
+        self.params = [
+            ParamRef(f"{i}.weight", model[i].weight, table.index_of(model[i]))  # type: ignore[arg-type]
+            for i in range(4)
+        ]
+        self.health = GradHealth(table, explode_factor=10.0)
+
+    def step(self, norms: dict[int, float], **kwargs: Any) -> dict[str, tuple[float, float]]:
+        """The spikes of one step whose module ``i`` has gradient norm ``norms[i]``."""
+        present = sorted(norms)
+        verdict = self.health.evaluate(
+            self.params, present, [norms[i] for i in present], detail=False, per_param=False, **kwargs
+        )
+        return verdict.spike_modules
+
+
+def _noise(step: int) -> float:
+    return 1.0 + 0.1 * ((step * 7) % 5 - 2) / 2  # 0.9 .. 1.1, no spike on its own
+
+
+def test_a_small_module_that_jumps_tenfold_far_below_the_floor_is_not_a_spike() -> None:
+    """The false alarm of issue 12: a last layer at 0.0045 of a total of ~1 jumping 10x."""
+    judge = _Judge()
+    for step in range(30):
+        assert judge.step({0: _noise(step), 1: 0.00045 * _noise(step + 1)}) == {}
+    assert judge.step({0: 1.0, 1: 0.00465}) == {}  # 10.4x its median, 0.005 of the total
+
+
+def test_a_module_jump_above_the_floor_is_a_spike_and_the_total_is_judged_alone() -> None:
+    from hooktrace.health.monitor import MODULE_FLOOR
+
+    judge = _Judge()
+    for step in range(30):
+        assert judge.step({0: _noise(step), 1: 0.004 * _noise(step + 2)}) == {}
+    # just under the floor (5% of the total's median of 1.0) then just over it: 12.4x its median either way
+    assert judge.step({0: 1.0, 1: MODULE_FLOOR * 0.99}) == {}
+    spikes = judge.step({0: 1.0, 1: MODULE_FLOOR * 1.2})
+    assert set(spikes) == {"1"} and spikes["1"][1] > 10  # the total moved by 0.3%: no total spike
+    spikes = judge.step({0: 30.0, 1: 0.004})  # the whole model: the total alone, no floor
+    assert set(spikes) == {"__total__", "0"}
+
+
+def test_module_spikes_wait_for_ten_steps_of_history() -> None:
+    judge = _Judge()
+    for step in range(9):
+        assert judge.step({0: _noise(step), 1: 0.3}) == {}
+    assert judge.step({0: 1.0, 1: 3.5}) == {}  # the 10th step: not enough history yet
+    assert set(judge.step({0: 1.0, 1: 3.5})) == {"1"}  # 11.7x its median; the total 3.5x its own
+
+
+def test_each_total_series_keeps_its_own_baseline_and_gives_its_own_floor_to_its_modules() -> None:
+    """A GAN: the generator (modules 0, 1) has a total norm near 1, the discriminator (2, 3) near
+    100, each optimizer with its own series; the verdict still names the total ``__total__``."""
+    judge = _Judge()
+    gen, disc = "__total__/Adam#0", "__total__/Adam#1"
+    for step in range(30):
+        assert judge.step({0: _noise(step), 1: 0.01}, total_series=gen) == {}
+        assert judge.step({2: 100 * _noise(step), 3: 0.02}, total_series=disc) == {}
+    # 0.12 is above the generator's floor (0.05 x 1), 0.25 far below the discriminator's (0.05 x 100);
+    # one shared series would have a median of ~45 (a floor of 2.25) and judge both wrong
+    assert set(judge.step({0: 1.0, 1: 0.12}, total_series=gen)) == {"1"}
+    assert judge.step({2: 100.0, 3: 0.25}, total_series=disc) == {}
+    assert set(judge.step({2: 2000.0, 3: 0.02}, total_series=disc)) == {"__total__", "2"}
+    assert judge.step({0: 1.0, 1: 0.01}, total_series=gen) == {}  # the discriminator's spike is not its baseline
+
+
+def test_the_spike_detector_floor_only_gates_the_verdict_and_the_value_still_enters_the_history() -> None:
+    from hooktrace.health.spikes import SpikeDetector
+
+    detector = SpikeDetector(10.0, window=5, warmup=3)
+    for _ in range(3):
+        detector.check("m", 1.0)
+    assert detector.baseline("m") == 1.0
+    assert detector.check("m", 20.0, floor=50.0) == (False, 20.0)
+    assert detector.check("m", 20.0, floor=20.0) == (True, 20.0)
+    assert detector.baseline("m") == 1.0 and detector.baseline("unknown") is None
+    for _ in range(3):
+        detector.check("m", 20.0)
+    assert detector.baseline("m") == 20.0  # a lasting level is the new baseline
+
+
+def test_a_training_run_whose_tiny_last_layer_jumps_tenfold_reports_no_spike(tmp_path: Path) -> None:
+    """Issue 12 end to end: the last layer's gradient is ~1/1000 of the model's and jumps 15x at
+    step 30; steps.jsonl keeps its norms, but no step has a grad_spike event."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 1))
+    current = {"step": 0}
+    for param in model[4].parameters():
+        param.register_hook(lambda grad: grad * (1.5e-2 if current["step"] == 30 else 1e-3))
+    agent = hooktrace.attach(model, out=str(tmp_path), metrics_port=0, sample_every=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for step in range(1, 41):
+        current["step"] = step
+        x = torch.randn(8, 16, generator=torch.Generator().manual_seed(step))
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+    agent.close()
+    steps = read_steps(tmp_path)
+    norms = [s["module_grad_norms"]["4"] for s in steps]
+    assert norms[29] > 10 * sorted(norms[:29])[14]  # the head did jump, relative to itself
+    assert [e for s in steps for e in s["events"]] == []

@@ -250,7 +250,7 @@ def test_trace_ranks_accepts_auto_or_a_rank_list_and_names_flag_and_variable_whe
         hooktrace.Config.resolve({}, environ={"HOOKTRACE_TRACE_RANKS": "first"})
 
 
-def test_nonfinite_and_spike_events_land_on_the_span_of_their_module(tmp_path: Path) -> None:
+def test_nonfinite_spike_and_clip_events_land_on_the_span_of_their_module_or_phase(tmp_path: Path) -> None:
     _, spans, records = _run(tmp_path, steps=3, nan_at=3)
     nonfinite = [(s.name, e) for s in spans for e in s.events if e.name == "nonfinite"]
     assert len(nonfinite) == 1
@@ -267,7 +267,12 @@ def test_nonfinite_and_spike_events_land_on_the_span_of_their_module(tmp_path: P
     )
     _, spans, _ = _feed([record])
     events = {(s.name, e.name, e.attributes["hooktrace.value"]) for s in spans for e in s.events}  # type: ignore[index]
-    assert events == {("backward body.0", "grad_spike", 812.0), ("rank 0", "grad_spike", 900.0)}
+    # a module's event on its module span; the total's and the optimizer's on their step phase
+    assert events == {
+        ("backward body.0", "grad_spike", 812.0),
+        ("backward", "grad_spike", 900.0),
+        ("optimizer", "grad_clip", 1.0),
+    }
     spike = next(e for s in spans for e in s.events if s.name == "backward body.0")
     owner = next(s for s in spans if s.name == "backward body.0")
     assert owner.start_time <= spike.timestamp <= owner.end_time  # type: ignore[operator]
@@ -373,3 +378,54 @@ def test_auto_trace_ranks_beyond_eight_learns_the_slowest_rank_from_the_rank_sum
         (tmp_path / f"rank{rank}.summary.json").write_text(_json.dumps(part))
     (tmp_path / "rank7.summary.json").write_text("{not json")  # a part being written is skipped
     assert slowest_rank(str(tmp_path)) == 5
+
+
+def test_an_unsampled_step_with_a_nan_sends_its_step_rank_and_phase_spans_with_the_event(tmp_path: Path) -> None:
+    agent, spans, records = _run(tmp_path, steps=4, nan_at=3, sample_every=100)
+    assert [r.step for r in records if r.sampled] == [1] and records[2].events
+    assert {_attrs(s)["hooktrace.step"] for s in spans} == {1, 3, 4}  # step 2: unsampled, no event, no trace
+    step3 = [s for s in spans if _attrs(s)["hooktrace.step"] == 3]
+    names = {s.name for s in step3}
+    assert {"step 3", "rank 0", "forward", "backward", "optimizer"} <= names
+    assert not [n for n in names if n.startswith(("forward ", "backward "))]  # no module tree: nothing timed it
+    trace_id = agent.trace_id(3)
+    assert {s.context.trace_id for s in step3} == {int(trace_id, 16)}
+    root = next(s for s in step3 if s.name == "step 3")
+    assert root.parent is None and root.context.span_id == root_span_id(trace_id)
+    rank = next(s for s in step3 if s.name == "rank 0")
+    assert rank.parent is not None and rank.parent.span_id == root.context.span_id
+    assert _attrs(rank)["hooktrace.sampled"] is False
+    [(owner, event)] = [(s, e) for s in step3 for e in s.events]
+    assert (owner.name, event.name) == ("forward", "nonfinite")  # the batch held it: the forward phase
+    assert event.attributes is not None and event.attributes["hooktrace.phase"] == "input"
+    assert event.attributes["hooktrace.module"] == "Sequential"
+    assert owner.start_time <= event.timestamp <= owner.end_time  # type: ignore[operator]
+
+
+def test_an_unsampled_spike_step_shares_one_trace_across_ranks_with_the_agents_trace_id(tmp_path: Path) -> None:
+    _, _, records = _run(tmp_path, steps=2, sample_every=100)
+    unsampled = dataclasses.replace(
+        records[1],
+        events=[
+            StepEvent("grad_spike", "__total__", "backward", 900.0, {"ratio": 41.0}),
+            StepEvent("grad_spike", "body.0", "backward", 812.0, {"ratio": 40.0}),
+        ],
+    )
+    assert not unsampled.sampled and unsampled.trace_id is None
+    _, spans0, _ = _feed([unsampled])
+    _, spans1, _ = _feed([unsampled], info=RankInfo("run", 1, 1, 2, "node1", "v", "t", "cpu"))
+    trace_id = hooktrace.Agent(run_id="run", metrics_port=0, write_files=False).trace_id(2)
+    root = next(s for s in spans0 if s.name == "step 2")
+    rank1 = next(s for s in spans1 if s.name == "rank 1")
+    assert root.context.trace_id == rank1.context.trace_id == int(trace_id, 16)
+    assert rank1.parent is not None and rank1.parent.span_id == root.context.span_id == root_span_id(trace_id)
+    for spans in (spans0, spans1):
+        events = {(s.name, e.name, e.attributes["hooktrace.module"]) for s in spans for e in s.events}  # type: ignore[index]
+        assert events == {("backward", "grad_spike", "__total__"), ("backward", "grad_spike", "body.0")}
+
+
+def test_the_exporters_trace_id_is_the_agents() -> None:
+    from hooktrace.export.ids import step_trace_id
+
+    agent = hooktrace.Agent(run_id="job-7", metrics_port=0, write_files=False)
+    assert [step_trace_id("job-7", 0, n) for n in (1, 2, 300)] == [agent.trace_id(n) for n in (1, 2, 300)]
