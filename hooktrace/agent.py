@@ -40,6 +40,7 @@ from hooktrace.health.guard import SyncGuard
 from hooktrace.health.monitor import GradHealth
 from hooktrace.health.norms import GradNormCapture, HostCopy
 from hooktrace.health.replay import ForwardReplay, can_replay
+from hooktrace.health.reporting import SpikeReporter
 from hooktrace.health.step_health import StepGradients
 from hooktrace.health.taps import GradientTaps
 from hooktrace.summary import RunSummary
@@ -48,9 +49,6 @@ from hooktrace.summary_builder import build_summary, slowest_rank, write_summary
 _LIVE: weakref.WeakKeyDictionary[nn.Module, Agent] = weakref.WeakKeyDictionary()
 """Root module -> the live agent watching it, so attaching twice returns the same agent."""
 
-
-MAX_WARNINGS = 20
-"""Gradient warning lines printed per run; later events are only counted."""
 
 HUNT_STEPS = 10
 """After a non-finite gradient on an unsampled step, this many steps are sampled deeply."""
@@ -154,6 +152,7 @@ class Agent:
             device="cpu",
         )
         self.stats = RankStats(self.info)
+        self.reporter = SpikeReporter(warn_spikes=cfg.on_explosion == "warn")
         self.exporters: list[Exporter] = self._make_exporters()
         self.worker = Worker(
             StepProcessor(
@@ -172,7 +171,6 @@ class Agent:
         )
         self._started = False
         self._allreduce_timer: AllReduceTimer | None = None
-        self._warnings = 0
 
     # -- public API ---------------------------------------------------------------------------------
     def instrument(self, module: nn.Module) -> None:
@@ -435,36 +433,11 @@ class Agent:
         self.stats.hook_errors = self.recorder.hook_errors
         self.stats.module_labels = len(self.recorder.table.labels)
         self.stats.modules_truncated = self.recorder.table.truncated
-        spikes = [e for e in record.events if e.kind == "grad_spike"]
-        if spikes and self.config.on_explosion == "warn":
-            self._say(
-                f"gradient spike at step {record.step} (rank {record.rank}): "
-                + ", ".join(f"{e.module} {e.value:.4g} ({e.detail.get('ratio')}x median)" for e in spikes[:3])
-                + (f" and {len(spikes) - 3} more modules" if len(spikes) > 3 else "")
-            )
         for event in record.events:
-            if event.kind == "nonfinite":
-                if event.phase == "unknown":
-                    self.recorder.hunt = HUNT_STEPS  # sample the next steps deeply to find the source
-                where = event.detail.get("first_module", event.module)
-                self._say(
-                    f"non-finite gradient at step {record.step} (rank {record.rank}): "
-                    + (
-                        f"the input of {where} already held a NaN"
-                        if event.phase == "input"
-                        else f"first in {event.phase} of {where}"
-                    )
-                )
-
-    def _say(self, message: str) -> None:
-        """Worker thread: a warning line on stderr, at most ``MAX_WARNINGS`` per run."""
-        self._warnings += 1
-        if self._warnings <= MAX_WARNINGS:
-            print(f"hooktrace: {message}", file=sys.stderr)
-        if self._warnings == MAX_WARNINGS:
-            print(
-                "hooktrace: further gradient warnings are counted (steps.jsonl, metrics), not printed", file=sys.stderr
-            )
+            if event.kind == "nonfinite" and event.phase == "unknown":
+                self.recorder.hunt = HUNT_STEPS  # sample the next steps deeply to find the source
+        for line in self.reporter.lines(record):
+            print(f"hooktrace: {line}", file=sys.stderr)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

@@ -33,7 +33,7 @@ def build_summary(agent: Agent) -> RunSummary:
         {"module": table.infos[i].display, "reason": reason}
         for i, reason in sorted(agent.recorder.full_skipped.items())
     ]
-    notes = list(agent.notes)
+    notes = [*agent.notes, *agent.reporter.summary_lines()]
     if agent.recorder.first_error:
         notes.append(f"{agent.recorder.hook_errors} hook errors; first: {agent.recorder.first_error}")
     return RunSummary(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+from hooktrace._aggregate.snapshot import TOTAL
 from hooktrace._aggregate.step_record import ModuleSpan, StepEvent, StepRecord
 from hooktrace._aggregate.timeline import module_intervals, phase_durations, phase_intervals
 from hooktrace._record.buffer import M_AR_END, M_BWD, M_BWD_END, StepBuffer
@@ -66,8 +67,6 @@ class StepProcessor:
             overhead_s=buf.overhead_ns / 1e9,
             spans=spans,
         )
-        if buf.sampled and self.trace_id is not None:
-            record.trace_id = self.trace_id(buf.number)
         self._gradients(buf, record)
         if buf.skipped:
             record.events.append(StepEvent("amp_skip", "__total__", "optimizer"))
@@ -75,6 +74,8 @@ class StepProcessor:
             buf.clock.release([buf.anchor[0]])  # back to the event pool (with events, _spans did it)
         if buf.hook_errors:
             record.events.append(StepEvent("hook_error", "__total__", "unknown", float(buf.hook_errors)))
+        if (buf.sampled or record.events) and self.trace_id is not None:  # event steps get traces too
+            record.trace_id = self.trace_id(buf.number)
         return record
 
     def _spans(self, buf: StepBuffer) -> list[ModuleSpan]:
@@ -125,7 +126,9 @@ class StepProcessor:
             if merged is None or not merged[0]:
                 return
             buf.grad_present, values = merged
-            verdict = self.health.evaluate(params, buf.grad_present, values, detail=buf.sampled, per_param=False)
+            verdict = self.health.evaluate(
+                params, buf.grad_present, values, detail=buf.sampled, per_param=False, total_series=total_series(buf)
+            )
         record.grads_captured = True
         record.grad_norm = verdict.total
         record.grad_norm_ratio = verdict.ratio
@@ -150,6 +153,12 @@ class StepProcessor:
         if verdict.nonfinite:
             module, label, phase = nonfinite_source(buf, verdict, params, self.table)
             record.events.append(StepEvent("nonfinite", label, phase, None, {"first_module": module}))
+
+
+def total_series(buf: StepBuffer) -> str:
+    """The spike baseline of a step's total norm: one per optimizer (or set of optimizers that
+    step together), so a GAN's two models never share one; plain ``__total__`` otherwise."""
+    return f"{TOTAL}/{','.join(buf.optimizers)}" if buf.optimizers else TOTAL
 
 
 def _align_backward_marks(marks: list[tuple[int, int]], spans: list[ModuleSpan]) -> list[tuple[int, int]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from hooktrace._aggregate.process import total_series
 from hooktrace._record.buffer import StepBuffer
 from hooktrace.config import Config
 from hooktrace.errors import GradientExplosionError, NonFiniteGradientError
@@ -35,7 +36,12 @@ class SyncGuard:
         A forward replay, when one was needed, has already run (``buf.forward_source``)."""
         params = self.capture.params()
         verdict = self.health.evaluate(
-            params, buf.grad_present, values, detail=buf.sampled, per_param=self.config.on_explosion == "clip"
+            params,
+            buf.grad_present,
+            values,
+            detail=buf.sampled,
+            per_param=self.config.on_explosion == "clip",
+            total_series=total_series(buf),
         )
         buf.health = verdict
         if verdict.nonfinite and self.config.on_nonfinite == "raise":

@@ -37,6 +37,7 @@ def test_otlp_endpoint_falls_back_to_the_standard_variable() -> None:
     ("values", "env", "fragment"),
     [
         ({"sample_every": 0}, {}, "--sample-every / HOOKTRACE_SAMPLE_EVERY must be a positive integer"),
+        ({"flow_every": -1}, {}, "--flow-every / HOOKTRACE_FLOW_EVERY must be a whole number of steps (0 = off)"),
         ({"metrics_port": 70000}, {}, "--metrics-port / HOOKTRACE_METRICS_PORT must be a port number"),
         ({"backward": "sometimes"}, {}, "--backward / HOOKTRACE_BACKWARD must be one of auto, full, off"),
         ({"explode_factor": 0.5}, {}, "--explode-factor / HOOKTRACE_EXPLODE_FACTOR must be > 1"),

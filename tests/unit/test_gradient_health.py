@@ -91,7 +91,7 @@ def test_gradient_flow_is_the_norm_of_each_modules_output_gradient(tmp_path: Pat
     expected = {name: float(out.grad.double().norm()) for name, out in outputs.items()}
 
     model = build()
-    agent = hooktrace.attach(model, out=str(tmp_path), metrics_port=0, sample_every=1)
+    agent = hooktrace.attach(model, out=str(tmp_path), metrics_port=0, sample_every=1, flow_every=1)
     model(batch).pow(2).sum().backward()
     torch.optim.SGD(model.parameters(), lr=0.0).step()
     agent.close()
@@ -187,7 +187,8 @@ def test_the_first_non_finite_module_is_named_in_the_right_phase(
 ) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), zoo.NaNAt(at=at, where=where), nn.Tanh(), nn.Linear(8, 1))
-    agent = hooktrace.attach(model, out=str(tmp_path), metrics_port=0, sample_every=sample_every)
+    # flow on every sampled step: a deep step places a backward NaN exactly (input vs output gradient)
+    agent = hooktrace.attach(model, out=str(tmp_path), metrics_port=0, sample_every=sample_every, flow_every=1)
     if not replay:  # what attach chooses on CUDA in warn mode (attach chose replay on this CPU)
         agent.recorder.replay_roots.clear()
         agent.recorder.replay_all = False
@@ -426,7 +427,7 @@ def test_gradient_flow_is_recorded_by_full_backward_hooks_too(tmp_path: Path) ->
     outputs: dict[str, torch.Tensor] = {}
     for name, module in model.named_children():
         module.register_forward_hook(lambda m, a, out, name=name: outputs.__setitem__(name, out))
-    agent = hooktrace.attach(model, out=str(tmp_path), metrics_port=0, sample_every=1, backward="full")
+    agent = hooktrace.attach(model, out=str(tmp_path), metrics_port=0, sample_every=1, flow_every=1, backward="full")
     full_hooks = []
     for _ in range(2):  # step 1 runs the preflight, step 2 the full hooks
         loss = model(batch).pow(2).sum()

@@ -218,3 +218,19 @@ def test_eval_calls_before_training_are_not_counted_in_step_one(tmp_path: Path) 
     assert "eval" not in first["phases"]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert not any(m["phase"] == "eval" for m in summary["modules"])
+
+
+@pytest.mark.parametrize(("flow_every", "flow_steps"), [(5, [5, 11]), (0, [])])
+def test_gradient_flow_is_read_on_the_sampled_step_at_or_after_each_multiple(
+    flow_every: int, flow_steps: list[int], tmp_path: Path
+) -> None:
+    agent_box: list[hooktrace.Agent] = []
+
+    def attach_it(model: nn.Module) -> hooktrace.Agent:
+        agent_box.append(attach(model, tmp_path, sample_every=2, flow_every=flow_every))
+        return agent_box[0]
+
+    zoo.train(lambda: zoo.SleepyNet(0.0, 0.0), steps=12, attach=attach_it)[1].close()
+    steps = read_steps(tmp_path)
+    assert [s["step"] for s in steps if "output_grad_norms" in s] == flow_steps
+    assert [s["step"] for s in steps if s["sampled"]] == [1, 3, 5, 7, 9, 11]
