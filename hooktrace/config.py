@@ -70,7 +70,8 @@ class Config:
     backward: BackwardMode = "auto"
     """auto: tensor hooks; full: full backward hooks where safe; off: no per-module backward timing."""
     explode_factor: float = 10.0
-    """A gradient spike is a norm above this factor times its rolling median."""
+    """A gradient spike is a norm above this factor times its rolling median (a module's must
+    also be at least 5 % of the model's total norm: health/monitor.py)."""
     on_explosion: ExplosionAction = "warn"
     """What to do on a spike: warn, clip the offending tensors, or raise."""
     on_nonfinite: NonFiniteAction = "warn"

@@ -42,7 +42,8 @@ HOOKTRACE_BACKWARD = "HOOKTRACE_BACKWARD"
 """Backward timing: auto (tensor hooks), full (full backward hooks), off. Default: auto."""
 
 HOOKTRACE_EXPLODE_FACTOR = "HOOKTRACE_EXPLODE_FACTOR"
-"""A spike is a norm above this factor times its rolling median. Default: 10."""
+"""A spike is a norm above this factor times its rolling median (a module's also >= 5 % of the
+total norm). Default: 10."""
 
 HOOKTRACE_ON_EXPLOSION = "HOOKTRACE_ON_EXPLOSION"
 """warn, clip (per-tensor) or raise. Default: warn."""
