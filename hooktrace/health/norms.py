@@ -78,6 +78,10 @@ class NormCapture:
 def merge_captures(captures: list[NormCapture], host_only: bool = False) -> tuple[list[int], list[float]] | None:
     """``(positions, values)`` of several captures, each parameter once (the later capture wins),
     in position order. With ``host_only``, None when some capture is not on the host yet."""
+    if len(captures) == 1:  # the usual step: one optimizer, its reading as is (no per-parameter work)
+        only = captures[0]
+        values = only.host_values() if host_only else only.values()
+        return None if values is None else (only.positions(), values)
     by_pos: dict[int, float] = {}
     for capture in captures:
         values = capture.host_values() if host_only else capture.values()
