@@ -393,13 +393,14 @@ def _gradients(d: db.Dashboard, ids: Iterator[int]) -> None:
             ids,
             "Gradient events",
             "Steps with a gradient spike, with a non-finite gradient, clipped tensors, "
-            "and steps the AMP GradScaler skipped.",
+            "steps the AMP GradScaler skipped, and steps per optimizer (which one stepped: a GAN has two).",
             "short",
             _targets(
                 (_increase("hooktrace_grad_spike_steps_total", "rank"), "rank {{rank}} spike"),
                 (_increase("hooktrace_nonfinite_grad_steps_total", "rank"), "rank {{rank}} non-finite"),
                 (_increase("hooktrace_grad_clips_total", "rank"), "rank {{rank}} clipped"),
                 (_increase("hooktrace_amp_skipped_steps_total", "rank"), "rank {{rank}} AMP skipped"),
+                (_increase("hooktrace_optimizer_steps_total", "rank, optimizer"), "rank {{rank}} {{optimizer}} steps"),
             ),
             bars=True,
         )

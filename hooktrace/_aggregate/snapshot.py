@@ -100,6 +100,8 @@ class MetricsSnapshot:
     nonfinite_events: dict[tuple[str, str], int] = field(default_factory=dict)
     """(module, phase) -> count."""
     grad_clips: dict[str, int] = field(default_factory=dict)
+    optimizer_steps: dict[str, int] = field(default_factory=dict)
+    """Steps per optimizer name (``Adam#0``): which optimizer stepped (several optimizers: a GAN)."""
     amp_skipped_steps_total: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     """what -> count (steps, trace_events, spans, module_labels, ...)."""

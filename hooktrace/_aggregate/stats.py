@@ -151,6 +151,7 @@ class RankStats:
             nonfinite_grad_steps_total=self.counters["nonfinite_grad_steps"],
             nonfinite_events=dict(self.nonfinite_events),
             grad_clips=dict(self.grad_clips),
+            optimizer_steps=dict(self.optimizer_steps),
             amp_skipped_steps_total=self.counters["amp_skipped_steps"],
             dropped=dict(self.dropped),
             hook_errors_total=self.hook_errors,

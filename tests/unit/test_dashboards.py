@@ -33,6 +33,7 @@ _PLAIN = (
     "nonfinite_events_total",
     "grad_clips_total",
     "amp_skipped_steps_total",
+    "optimizer_steps_total",
     "dropped_total",
     "hook_errors_total",
     "overhead_seconds_total",

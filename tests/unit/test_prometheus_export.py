@@ -45,6 +45,7 @@ DESIGN_TYPES = {
     "hooktrace_nonfinite_events_total": "counter",
     "hooktrace_grad_clips_total": "counter",
     "hooktrace_amp_skipped_steps_total": "counter",
+    "hooktrace_optimizer_steps_total": "counter",
     "hooktrace_dropped_total": "counter",
     "hooktrace_hook_errors_total": "counter",
     "hooktrace_overhead_seconds_total": "counter",
@@ -83,6 +84,7 @@ def make_snapshot(**overrides: object) -> MetricsSnapshot:
         "nonfinite_events": {("blocks.0.attn", "backward"): 2},
         "grad_clips": {"blocks.0.attn": 1},
         "amp_skipped_steps_total": 2,
+        "optimizer_steps": {"Adam#0": 2, "Adam#1": 1},
         "dropped": {"spans": 5},
         "hook_errors_total": 1,
         "export_errors": {"otel": 3},
@@ -149,6 +151,7 @@ def test_counters_end_in_total_and_have_no_created_series() -> None:
     registry = registry_for(make_snapshot())
     assert registry.get_sample_value("hooktrace_steps_total", BASE) == 3
     assert registry.get_sample_value("hooktrace_amp_skipped_steps_total", BASE) == 2
+    assert registry.get_sample_value("hooktrace_optimizer_steps_total", {**BASE, "optimizer": "Adam#1"}) == 1
     assert registry.get_sample_value("hooktrace_dropped_total", {**BASE, "what": "spans"}) == 5
     assert registry.get_sample_value("hooktrace_export_errors_total", {**BASE, "exporter": "otel"}) == 3
     assert registry.get_sample_value("hooktrace_overhead_seconds_total", BASE) == 0.125
