@@ -366,6 +366,8 @@ class Agent:
         self.tracker.add_root(index, root)
         if is_ddp(root):
             self.tracker.before_forward.append(lambda: self._time_allreduce(root))
+        if is_ddp(root) or self.info.world_size > 1:
+            self.tracker.late_gradients = True
         _LIVE[root] = self
         for name in self.config.watch:
             self._pin(root, name)

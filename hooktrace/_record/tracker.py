@@ -104,6 +104,9 @@ class StepTracker:
         self._stepping: torch.optim.Optimizer | None = None
         """The optimizer whose step() is running (a closure's backward belongs to it)."""
         self._compiled_graphs = 0
+        self.late_gradients = False
+        """A distributed wrapper (DDP) writes the final gradients in its own end-of-backward
+        callback: read them in a callback queued after it."""
         self.optimizer_seen = False
         self.closed_steps = 0
         self._active = False
@@ -328,7 +331,9 @@ class StepTracker:
         buf = self.rec.buf
         if self._backward_since_optimizer and not self._pending_close and self._stepping is None:
             probe = self._grad_probe
-            reset = probe is not None and (probe.grad is None or self._grad_changed(probe.grad))
+            reset = probe is not None and (
+                probe.grad is None or (not self.optimizer_seen and self._grad_changed(probe.grad))
+            )
             if reset or buf.micro_batches >= MAX_MICRO_BATCHES:
                 buf.skipped = reset and self.optimizer_seen
                 self._pending_close = True
@@ -383,9 +388,12 @@ class StepTracker:
                 self._grad_probe = next(
                     (p for info in self.rec.table.infos for _, p in info.params if p.grad is not None), None
                 )
-            # after the callbacks queued during backward (DDP's reducer writes the averaged
-            # gradients into .grad in one of them): ours, queued now, runs after them
-            _queue_callback(self._on_gradients_final)
+            if self.late_gradients:
+                # after the callbacks queued during backward (DDP's reducer writes the averaged
+                # gradients into .grad in one of them): ours, queued now, runs after them
+                _queue_callback(self._on_gradients_final)
+            else:
+                self._on_gradients_final()
         except Exception as exc:
             self.rec.hook_error(exc)
 
@@ -393,8 +401,9 @@ class StepTracker:
         """The last end-of-backward callback: the gradients are those the optimizer will see."""
         try:
             buf = self.rec.buf
-            grad = self._grad_probe.grad if self._grad_probe is not None else None
-            self._probe_grad = (weakref.ref(grad), grad._version) if grad is not None else None
+            if not self.optimizer_seen:  # a loop without torch.optim: its reset is seen by version
+                grad = self._grad_probe.grad if self._grad_probe is not None else None
+                self._probe_grad = (weakref.ref(grad), grad._version) if grad is not None else None
             stepping = self._stepping
             self._on_backward_end_cb(buf, stepping, self.name_of(stepping) if stepping is not None else "")
         except (GradientExplosionError, NonFiniteGradientError):

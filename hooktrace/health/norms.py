@@ -43,7 +43,8 @@ class NormCapture:
     select: list[int] | None = None
     """Indices into ``present``/``norms`` this capture stands for; None = all."""
     probes: tuple[tuple[Any, int], ...] = ()
-    """(weakref to a gradient, its version counter when read): the first and last gradient."""
+    """(weakref to a gradient, its version counter when read): the first gradient (the script's
+    clipping, ``clip_grad_norm_``/``clip_grad_value_``, rewrites every gradient)."""
 
     def positions(self) -> list[int]:
         return self.present if self.select is None else [self.present[i] for i in self.select]
@@ -143,7 +144,7 @@ class GradNormCapture:
         grads = [grad for grad in maybe if grad is not None]
         if not grads:
             return None
-        probes = ((_weakref(grads[0]), grads[0]._version), (_weakref(grads[-1]), grads[-1]._version))
+        probes = ((_weakref(grads[0]), grads[0]._version),)  # clipping rewrites every gradient
         with torch.no_grad() if grads[0].requires_grad else _NO_CONTEXT:  # create_graph=True only
             norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
             if not self._multi_device and norms[0].is_cpu:
