@@ -7,11 +7,12 @@ This times the agent's code where it runs instead, which is exact, and splits it
 - ``inside hooktrace``: the time spent in every hook and callback the agent registers (root
   forward pre/post, module forward pre/post, gradient hooks, end of backward, optimizer pre/post;
   nested calls counted once), per step on average at the default ``--sample-every 10``, and
-  for an unsampled and a sampled step;
+  for an unsampled step, a sampled step and a flow step (the sampled step at or after every
+  ``--flow-every``, 100 by default);
 - ``gradient norms``: in it, the per-step ``_foreach_norm`` over all gradients and its host
-  transfer; ``flow norms``: the ‖grad‖ of every module output and input on sampled steps;
-- ``norms alone``: (flow + 10 x gradient norms) / 10 of a bare step, the floor under any faster
-  hook machinery at the default rate.
+  transfer; ``flow norms``: the ‖grad‖ of every module output and input on flow steps;
+- ``norms alone``: gradient norms + flow norms / 100, of a bare step: the floor under any faster
+  hook machinery at the default rates.
 
 Not in it (so ``bench_overhead`` reads more): PyTorch's own cost of calling hooks (the hooked
 module call path, the autograd engine entering Python), the worker thread's share of the GIL (its
@@ -36,10 +37,11 @@ import hooktrace._record.recorder as recorder_module
 from hooktrace._record.recorder import Recorder
 from hooktrace._record.tracker import StepTracker
 
-WORKLOADS = ("tiny-transformer", "transformer", "cnn")
-STEPS = {"tiny-transformer": 1000, "transformer": 200, "cnn": 600}
+WORKLOADS = ("mlp", "tiny-transformer", "transformer", "cnn")
+STEPS = {"mlp": 3000, "tiny-transformer": 1000, "transformer": 200, "cnn": 600}
 WARMUP_STEPS = 20
 SAMPLE_EVERY = 10
+FLOW_EVERY = 100  # the defaults, passed explicitly
 ENTRY_POINTS = ("_on_root_grad", "_on_backward_end", "_on_gradients_final", "_optimizer_pre", "_optimizer_post")
 """StepTracker methods registered as hooks or callbacks (the root hooks are closures)."""
 
@@ -114,7 +116,9 @@ def measure(name: str, steps: int) -> str:
     agent_time, flow, capture = Timer(), Timer(), Timer()
     rows: list[tuple[bool, int, int, int]] = []  # (sampled, agent ns, capture ns, flow ns)
     with timed_agent_code(agent_time, flow), tempfile.TemporaryDirectory(prefix="hooktrace-anatomy-") as out:
-        agent = hooktrace.attach(model, out=out, sample_every=SAMPLE_EVERY, metrics_port=0, write_files=False)
+        agent = hooktrace.attach(
+            model, out=out, sample_every=SAMPLE_EVERY, flow_every=FLOW_EVERY, metrics_port=0, write_files=False
+        )
         agent.worker._handle = lambda buf: None  # type: ignore[method-assign]
         agent.capture.capture = capture.wrap(agent.capture.capture)  # type: ignore[method-assign]
         for number in range(1, WARMUP_STEPS + steps + 1):
@@ -124,17 +128,19 @@ def measure(name: str, steps: int) -> str:
             else:
                 agent_time.take(), capture.take(), flow.take()
         agent.close()
+    flow_rows = [r for r in rows if r[3] > 0]
     mean_us = statistics.mean(r[1] for r in rows) / 1e3
     unsampled_us = statistics.median(r[1] for r in rows if not r[0]) / 1e3
-    sampled_us = statistics.median(r[1] for r in rows if r[0]) / 1e3
+    sampled_us = statistics.median(r[1] for r in rows if r[0] and not r[3]) / 1e3
+    flow_step_us = statistics.median(r[1] for r in flow_rows) / 1e3 if flow_rows else 0.0
     capture_us = statistics.median(r[2] for r in rows if not r[0]) / 1e3
-    flow_us = statistics.median(r[3] for r in rows if r[0]) / 1e3
-    norms_pct = (flow_us + SAMPLE_EVERY * capture_us) / SAMPLE_EVERY / bare_us * 100
+    flow_us = statistics.median(r[3] for r in flow_rows) / 1e3 if flow_rows else 0.0
+    norms_pct = (capture_us + flow_us / FLOW_EVERY) / bare_us * 100
     return (
         f"anatomy {name:<16} bare {bare_us / 1e3:.2f} ms | inside hooktrace {mean_us:.0f} us per step "
-        f"({mean_us / bare_us * 100:.2f} %): unsampled step {unsampled_us:.0f} us, sampled step {sampled_us:.0f} us | "
-        f"gradient norms {capture_us:.0f} us every step, flow norms {flow_us:.0f} us per sampled step: "
-        f"norms alone {norms_pct:.2f} % ({steps} steps)"
+        f"({mean_us / bare_us * 100:.2f} %): unsampled step {unsampled_us:.0f} us, sampled step {sampled_us:.0f} us, "
+        f"flow step {flow_step_us:.0f} us | gradient norms {capture_us:.0f} us every step, flow norms "
+        f"{flow_us:.0f} us per flow step ({len(flow_rows)} of them): norms alone {norms_pct:.2f} % ({steps} steps)"
     )
 
 
