@@ -394,6 +394,8 @@ class StepTracker:
                 _queue_callback(self._on_gradients_final)
             else:
                 self._on_gradients_final()
+        except (GradientExplosionError, NonFiniteGradientError):
+            raise  # the user chose "raise": out of loss.backward() inside the optimizer's closure
         except Exception as exc:
             self.rec.hook_error(exc)
 
@@ -481,6 +483,8 @@ class StepTracker:
             self.optimizer_seen = True
             self._pending_close = True
             self._backward_since_optimizer = False
+        except (GradientExplosionError, NonFiniteGradientError):
+            raise  # the user chose "raise" (a closure's gradients, read after the model was found)
         except Exception as exc:
             self.rec.hook_error(exc)
         return None

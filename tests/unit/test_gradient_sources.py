@@ -234,3 +234,25 @@ def test_gradient_flow_is_read_on_the_sampled_step_at_or_after_each_multiple(
     steps = read_steps(tmp_path)
     assert [s["step"] for s in steps if "output_grad_norms" in s] == flow_steps
     assert [s["step"] for s in steps if s["sampled"]] == [1, 3, 5, 7, 9, 11]
+
+
+def test_raise_on_explosion_stops_a_closure_step_before_its_update(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = small_net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    attach(model, tmp_path, on_explosion="raise")
+    x = torch.randn(16, 4)
+    for step in range(1, 16):
+
+        def closure(scale: float = 1e6 if step == 15 else 1.0) -> torch.Tensor:
+            opt.zero_grad()
+            loss = model(x).pow(2).mean() * scale
+            loss.backward()
+            return loss
+
+        if step < 15:
+            opt.step(closure)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(hooktrace.GradientExplosionError):
+        opt.step(closure)
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
