@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install demo test test-servers check lint typecheck bench dashboards stack stack-down clean
+.PHONY: install demo test test-servers check lint typecheck bench gpu-check dashboards stack stack-down clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,9 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_grad_norms.py
 	$(PY) benchmarks/bench_scrape.py
 	$(PY) benchmarks/bench_spans.py
+
+gpu-check: $(STAMP)
+	$(PY) benchmarks/gpu_check.py
 
 dashboards: $(STAMP)
 	$(PY) grafana/build.py

@@ -100,3 +100,11 @@ def test_anatomy_benchmark_times_the_agents_code() -> None:
     # a smoke test: the parts are timed inside the totals by construction, so only that they ran
     assert capture > 0 and flow > 0 and unsampled > 0 and flow_steps == 1
     assert flow_step > sampled > unsampled  # module hooks on sampled steps only, flow norms on top
+
+
+def test_gpu_check_runs_its_checks_on_a_tiny_model_on_the_cpu() -> None:
+    """`make gpu-check` is for a lent GPU; the same code runs here on a tiny model so it cannot rot."""
+    out = bench("gpu_check.py", "--device", "cpu", "--tiny", "--rounds", "1", "--steps", "2", "--no-tests")
+    assert "sync-debug loop: 20 steps with the agent attached, no host sync, no hook error" in out
+    modes = re.findall(r"^overhead (.+): [+-][\d.]+ %$", out, flags=re.M)
+    assert modes == ["hooktrace default", "hooktrace --sample-every 1 --flow-every 0", "torch.profiler"]
