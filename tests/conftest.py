@@ -27,6 +27,26 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(name, raising=False)
 
 
+class RecordCapture:
+    """An exporter that keeps the StepRecords the worker produced (in-process span and trace tests)."""
+
+    name = "capture"
+
+    def __init__(self) -> None:
+        self.records: list[Any] = []
+
+    def start(self) -> None: ...
+
+    def export_step(self, step: Any) -> None:
+        self.records.append(step)
+
+    def refresh(self, snapshot: object) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
 def read_steps(out: Path, rank: int = 0) -> list[dict[str, Any]]:
     with open(out / f"rank{rank}.steps.jsonl", encoding="utf-8") as handle:
         return [json.loads(line) for line in handle if line.strip()]

@@ -29,6 +29,7 @@ from hooktrace._aggregate.step_record import StepEvent, StepRecord
 from hooktrace.errors import ConfigError, HooktraceError
 from hooktrace.export import otel
 from hooktrace.export.otel import OtelExporter, resolve_endpoint, root_span_id
+from tests.conftest import RecordCapture
 
 NOWHERE = "http://127.0.0.1:9"
 """An endpoint that is never contacted: tests swap in an in-memory exporter before start."""
@@ -45,26 +46,6 @@ def _model() -> nn.Module:
     )
 
 
-class _Capture:
-    """An exporter that keeps the StepRecords the worker produced."""
-
-    name = "capture"
-
-    def __init__(self) -> None:
-        self.records: list[StepRecord] = []
-
-    def start(self) -> None: ...
-
-    def export_step(self, step: StepRecord) -> None:
-        self.records.append(step)
-
-    def refresh(self, snapshot: object) -> None: ...
-
-    def flush(self) -> None: ...
-
-    def close(self) -> None: ...
-
-
 def _run(
     tmp_path: Path, steps: int = 4, nan_at: int = 0, **options: Any
 ) -> tuple[hooktrace.Agent, list[ReadableSpan], list[StepRecord]]:
@@ -73,7 +54,7 @@ def _run(
     exporter = next(e for e in agent.exporters if isinstance(e, OtelExporter))
     memory = InMemorySpanExporter()
     exporter.span_exporter = memory
-    capture = _Capture()
+    capture = RecordCapture()
     agent.exporters.append(capture)
     model = _model()
     agent.attach(model)

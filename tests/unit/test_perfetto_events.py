@@ -12,27 +12,7 @@ from torch import nn
 import hooktrace
 from hooktrace._aggregate.step_record import StepEvent, StepRecord
 from hooktrace.export.perfetto import PerfettoExporter
-from tests.conftest import read_trace
-
-
-class _Capture:
-    """An exporter that keeps the StepRecords the worker produced."""
-
-    name = "capture"
-
-    def __init__(self) -> None:
-        self.records: list[StepRecord] = []
-
-    def start(self) -> None: ...
-
-    def export_step(self, step: StepRecord) -> None:
-        self.records.append(step)
-
-    def refresh(self, snapshot: object) -> None: ...
-
-    def flush(self) -> None: ...
-
-    def close(self) -> None: ...
+from tests.conftest import RecordCapture, read_trace
 
 
 def _train(tmp_path: Path, steps: int, nan_at: int = 0) -> list[StepRecord]:
@@ -40,7 +20,7 @@ def _train(tmp_path: Path, steps: int, nan_at: int = 0) -> list[StepRecord]:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
     agent = hooktrace.Agent(out=str(tmp_path), metrics_port=0, sample_every=100)
-    capture = _Capture()
+    capture = RecordCapture()
     agent.exporters.append(capture)
     agent.attach(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
