@@ -8,7 +8,6 @@ slow lives in ``_aggregate`` and ``export`` on the worker thread.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import sys
 import threading
 import time
@@ -36,6 +35,7 @@ from hooktrace.config import Config
 from hooktrace.distributed import placement
 from hooktrace.errors import AttachError, ConfigError
 from hooktrace.export.base import Exporter
+from hooktrace.export.ids import step_trace_id
 from hooktrace.health.guard import SyncGuard
 from hooktrace.health.monitor import GradHealth
 from hooktrace.health.norms import GradNormCapture, HostCopy
@@ -278,8 +278,7 @@ class Agent:
 
     def trace_id(self, step: int) -> str:
         """Same on every rank without communication: hash(run id, restart count, step)."""
-        key = f"{self.info.run_id}/{self.placement.restart_count}/{step}".encode()
-        return hashlib.sha256(key).hexdigest()[:32]
+        return step_trace_id(self.info.run_id, self.placement.restart_count, step)
 
     def __enter__(self) -> Agent:
         return self

@@ -5,12 +5,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from hooktrace._aggregate.snapshot import TOTAL
 from hooktrace._aggregate.step_record import ModuleSpan, StepEvent, StepRecord
 from hooktrace._aggregate.timeline import module_intervals, phase_durations, phase_intervals
 from hooktrace._record.buffer import M_AR_END, M_BWD, M_BWD_END, StepBuffer
 from hooktrace._record.module_table import ModuleTable
-from hooktrace.health.monitor import GradHealth, Verdict, nonfinite_source, resolve_pairs
+from hooktrace.health.monitor import GradHealth, Verdict, nonfinite_source, resolve_pairs, total_series
 from hooktrace.health.norms import GradNormCapture, merge_captures, resolve_norms
 
 
@@ -127,7 +126,12 @@ class StepProcessor:
                 return
             buf.grad_present, values = merged
             verdict = self.health.evaluate(
-                params, buf.grad_present, values, detail=buf.sampled, per_param=False, total_series=total_series(buf)
+                params,
+                buf.grad_present,
+                values,
+                detail=buf.sampled,
+                per_param=False,
+                total_series=total_series(buf.optimizers),
             )
         record.grads_captured = True
         record.grad_norm = verdict.total
@@ -153,12 +157,6 @@ class StepProcessor:
         if verdict.nonfinite:
             module, label, phase = nonfinite_source(buf, verdict, params, self.table)
             record.events.append(StepEvent("nonfinite", label, phase, None, {"first_module": module}))
-
-
-def total_series(buf: StepBuffer) -> str:
-    """The spike baseline of a step's total norm: one per optimizer (or set of optimizers that
-    step together), so a GAN's two models never share one; plain ``__total__`` otherwise."""
-    return f"{TOTAL}/{','.join(buf.optimizers)}" if buf.optimizers else TOTAL
 
 
 def _align_backward_marks(marks: list[tuple[int, int]], spans: list[ModuleSpan]) -> list[tuple[int, int]]:

@@ -464,21 +464,20 @@ class StepTracker:
         if self.rec.skip() or not self.is_ours(optimizer):
             return None
         try:
-            late = self._stepping is not optimizer  # its pre-hook ran before the model was known
             self._stepping = None
             buf = self.rec.buf
-            if late:
-                # the model was found inside this step's closure (Lightning's first step): take
-                # the closure's gradients now, after the update (too late for a guard to act)
+            name = self.name_of(optimizer)
+            if name not in buf.optimizers:
+                # its pre-hook ran before the model was known: the model was found inside this
+                # step's closure (Lightning's first step). Take the closure's gradients now, after
+                # the update (too late for a guard to act)
                 buf.closure = buf.closure or _has_closure(args, kwargs)
-                name = self.name_of(optimizer)
-                if name not in buf.optimizers:
-                    buf.optimizers.append(name)
+                buf.optimizers.append(name)
                 self._on_optimizer(buf, optimizer, name)
             buf.marks.append((M_OPT_END, _now()))
             buf.optimizer_steps += 1
             if buf.closure and not buf.clipped_by_script:  # a closure's gradients: clipped after it
-                capture = buf.captures.get(self.name_of(optimizer))
+                capture = buf.captures.get(name)
                 buf.clipped_by_script = capture is not None and capture.changed()
             self.optimizer_seen = True
             self._pending_close = True

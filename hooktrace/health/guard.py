@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from hooktrace._aggregate.process import total_series
 from hooktrace._record.buffer import StepBuffer
 from hooktrace.config import Config
 from hooktrace.errors import GradientExplosionError, NonFiniteGradientError
-from hooktrace.health.monitor import GradHealth, nonfinite_source
+from hooktrace.health.monitor import GradHealth, nonfinite_source, total_series
 from hooktrace.health.norms import GradNormCapture
 
 
@@ -41,7 +40,7 @@ class SyncGuard:
             values,
             detail=buf.sampled,
             per_param=self.config.on_explosion == "clip",
-            total_series=total_series(buf),
+            total_series=total_series(buf.optimizers),
         )
         buf.health = verdict
         if verdict.nonfinite and self.config.on_nonfinite == "raise":

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +41,12 @@ module blowing up to 5 % of the total or more is reported, as is the total itsel
 miss a 10x jump of a module that normally holds 0.5-1 % of the total, which can be the first
 sign of a layer going unstable.
 """
+
+
+def total_series(optimizers: Sequence[str]) -> str:
+    """The detector series of a step's total norm: one per optimizer (or set of optimizers that
+    step together), so a GAN's two models never share a baseline; ``__total__`` without one."""
+    return f"{TOTAL}/{','.join(optimizers)}" if optimizers else TOTAL
 
 
 @dataclass(slots=True)
