@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import hooktrace
+from hooktrace._record import amp
 from tests import zoo
 from tests.conftest import read_steps
 
@@ -58,9 +59,8 @@ def test_norms_under_a_grad_scaler_are_unscaled_whether_or_not_the_script_unscal
     model = small_net()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    original_unscale = torch.amp.GradScaler.unscale_
     agent = attach(model, tmp_path)
-    assert torch.amp.GradScaler.unscale_ is not original_unscale  # wrapped while the agent listens
+    assert agent.gradients.on_unscale in amp._listeners
     expected = []
     for step in range(12):
         opt.zero_grad()
@@ -76,7 +76,7 @@ def test_norms_under_a_grad_scaler_are_unscaled_whether_or_not_the_script_unscal
     steps = read_steps(tmp_path)
     assert [s["grad_norm"] for s in steps] == pytest.approx(expected, rel=1e-4)
     assert [bool(s.get("clipped_by_script")) for s in steps] == [bool(i % 2) for i in range(12)]
-    assert torch.amp.GradScaler.unscale_ is original_unscale  # the wrapper left with the agent
+    assert agent.gradients.on_unscale not in amp._listeners  # the agent stopped listening at close
 
 
 def test_each_optimizer_of_a_gan_gets_the_norm_of_exactly_its_parameters(tmp_path: Path) -> None:
@@ -258,3 +258,26 @@ def test_raise_on_explosion_stops_a_closure_step_before_its_update(tmp_path: Pat
     with pytest.raises(hooktrace.GradientExplosionError):
         opt.step(closure)
     assert all(torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
+
+
+def test_the_unscale_wrapper_is_installed_with_the_first_listener_and_removed_with_the_last(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # this test alone, whatever agents of other tests still listen (all restored after it)
+    before = amp._original or torch.amp.GradScaler.unscale_  # PyTorch's own method
+    monkeypatch.setattr(torch.amp.GradScaler, "unscale_", before)
+    monkeypatch.setattr(amp, "_listeners", [])
+    monkeypatch.setattr(amp, "_original", None)
+    seen: list[torch.optim.Optimizer] = []
+    first, second = amp.on_unscale(seen.append), amp.on_unscale(seen.append)
+    assert torch.amp.GradScaler.unscale_ is not before
+    model = small_net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(model(torch.randn(4, 4)).sum()).backward()
+    scaler.unscale_(opt)
+    assert seen == [opt, opt]
+    first.remove()
+    assert torch.amp.GradScaler.unscale_ is not before  # one listener left
+    second.remove()
+    assert torch.amp.GradScaler.unscale_ is before
