@@ -44,7 +44,7 @@ from hooktrace.health.reporting import SpikeReporter
 from hooktrace.health.step_health import StepGradients
 from hooktrace.health.taps import GradientTaps
 from hooktrace.summary import RunSummary
-from hooktrace.summary_builder import build_summary, slowest_rank, write_summary
+from hooktrace.summary_builder import build_summary, model_structure, slowest_rank, write_summary
 
 _LIVE: weakref.WeakKeyDictionary[nn.Module, Agent] = weakref.WeakKeyDictionary()
 """Root module -> the live agent watching it, so attaching twice returns the same agent."""
@@ -171,6 +171,8 @@ class Agent:
         )
         self._started = False
         self._allreduce_timer: AllReduceTimer | None = None
+        self.model_structure: list[dict[str, Any]] = []
+        """Written into the summary for ``hooktrace report --tree``; rebuilt when a root is adopted."""
 
     # -- public API ---------------------------------------------------------------------------------
     def instrument(self, module: nn.Module) -> None:
@@ -357,6 +359,7 @@ class Agent:
         self.recorder.index_root(root, label, descend=not compiled)
         index = self.recorder.table.index_of(root)
         assert index is not None
+        self.model_structure = model_structure(self.recorder.table, self.recorder.modules, self.recorder.root_label)
         # a forward NaN can be replayed where the verdict is on the host at the optimizer step
         host_verdict = self.recorder.clock.kind == "cpu" or self.guard is not None
         if host_verdict and can_replay(root, self.info.world_size):

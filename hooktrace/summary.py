@@ -37,6 +37,11 @@ class RunSummary:
     step_source: str | None = None
     """``optimizer`` (torch.optim step hooks) or ``backward`` (no optimizer: a backward followed
     by a gradient reset is a step); None before any step."""
+    model: list[dict[str, Any]] = field(default_factory=list)
+    """The model's structure at attach, one entry per module in ``named_modules()`` order (see
+    :func:`hooktrace.summary_builder.model_structure`): what ``hooktrace report --tree`` prints."""
+    config: dict[str, Any] = field(default_factory=dict)
+    """The settings the run used that a report needs (sampling, explode factor, backward mode)."""
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -55,6 +60,8 @@ class RunSummary:
             "notes": self.notes,
             "grad_consistency": self.grad_consistency,
             "out_dir": self.out_dir,
+            "config": self.config,
+            "model": self.model,
         }
 
     @classmethod
@@ -75,6 +82,8 @@ class RunSummary:
             out_dir=data.get("out_dir"),
             device=data.get("device", "cpu"),
             step_source=data.get("step_source"),
+            model=data.get("model", []),
+            config=data.get("config", {}),
         )
 
     def render(self, top: int = 10) -> str:

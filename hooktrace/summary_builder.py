@@ -6,15 +6,79 @@ import json
 import os
 from typing import TYPE_CHECKING, Any
 
+from hooktrace._record.module_table import clean_name
 from hooktrace.export.files import write_json_atomic
 from hooktrace.summary import RunSummary, busy_time, merge_summaries
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from torch import nn
+
+    from hooktrace._record.module_table import ModuleTable
     from hooktrace.agent import Agent
 
 
 _CONTAINERS = {"ModuleList", "ModuleDict", "ParameterList", "ParameterDict"}
 """Modules that hold others but are never called themselves."""
+
+REPORT_CONFIG = ("sample_every", "flow_every", "depth", "max_modules", "backward", "explode_factor", "on_explosion")
+"""Config fields written into the summary: a report made elsewhere needs them (spike threshold, sampling)."""
+
+_EXTRA_REPR_CHARS = 200
+
+
+def model_structure(
+    table: ModuleTable, modules: list[nn.Module], root_label: Callable[[int], str]
+) -> list[dict[str, Any]]:
+    """What ``print(model)`` shows, per module, plus parameter counts and weight ties.
+
+    Run at attach on the training thread (once per root, never in a hook), so that ``hooktrace
+    report --tree`` can print the model from the run's files alone, on another machine. Own
+    parameters only (``recurse=False``); a parameter shared with an earlier module is counted
+    there and named here under ``tied``.
+    """
+    owner: dict[int, str] = {}
+    for index in table.roots:
+        label = root_label(index)
+        for pname, param in modules[index].named_parameters(remove_duplicate=False):
+            owner.setdefault(id(param), clean_name(".".join(p for p in (label, pname) if p)))
+    entries: list[dict[str, Any]] = []
+    for info in table.infos[: len(modules)]:
+        module = modules[info.index]
+        label = root_label(info.root)
+        compiled = type(module).__name__ == "OptimizedModule"  # indexed alone: its parameters are all its own
+        trainable = frozen = 0
+        tied: dict[str, str] = {}
+        for pname, param in module.named_parameters(recurse=compiled, remove_duplicate=False):
+            full = clean_name(".".join(p for p in (label, info.name, pname) if p))
+            first = owner.get(id(param), full)
+            if first != full:
+                tied[pname] = first
+                continue
+            if param.requires_grad:
+                trainable += param.numel()
+            else:
+                frozen += param.numel()
+        try:
+            extra = module.extra_repr()
+        except Exception:  # a user's extra_repr that fails must not fail the run
+            extra = ""
+        if len(extra) > _EXTRA_REPR_CHARS:
+            extra = extra[: _EXTRA_REPR_CHARS - 3] + "..."
+        entry: dict[str, Any] = {
+            "module": info.display,
+            "type": info.type_name,
+            "parent": table.infos[info.parent].display if info.parent >= 0 else None,
+            "key": info.name.rsplit(".", 1)[-1] if info.name else "",
+            "extra_repr": extra,
+            "trainable": trainable,
+            "frozen": frozen,
+        }
+        if tied:
+            entry["tied"] = tied
+        entries.append(entry)
+    return entries
 
 
 def build_summary(agent: Agent) -> RunSummary:
@@ -50,6 +114,8 @@ def build_summary(agent: Agent) -> RunSummary:
         out_dir=agent.out_dir if agent.config.write_files else None,
         device=agent.info.device,
         step_source=rank["step_source"],
+        model=agent.model_structure,
+        config={name: getattr(agent.config, name) for name in REPORT_CONFIG},
     )
 
 
