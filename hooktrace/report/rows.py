@@ -1,0 +1,174 @@
+"""Plain rows computed from a :class:`RunData`: what the tree, the diff and the HTML page show.
+
+No rendering here, so the terminal, ``--json`` and the charts all agree on every number.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+from typing import Any
+
+from hooktrace.report.load import RunData
+
+PHASES = ("data", "forward", "backward", "optimizer", "allreduce", "eval")
+"""Step phases in the order a step runs them (``eval`` is time spent in eval-mode forwards)."""
+
+
+def fmt_s(seconds: float | None) -> str:
+    """A duration the way the run summary prints it: ``2.15 ms``, ``70 us``, ``1.20 s``."""
+    if seconds is None:
+        return "-"
+    if abs(seconds) >= 1:
+        return f"{seconds:.2f} s"
+    if abs(seconds) >= 1e-3:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds * 1e6:.0f} us"
+
+
+def fmt_count(n: int) -> str:
+    """``4096`` -> ``4.1K``, ``124000000`` -> ``124.0M``."""
+    for unit, size in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+def median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def steady_lines(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Steps that measure steady state: not the first (warm-up), not a compile step, not partial."""
+    first = lines[0]["step"] if lines else 0
+    kept = [s for s in lines if s.get("step") != first and not s.get("compiled") and not s.get("partial")]
+    return kept or lines
+
+
+def rank_breakdown(run: RunData) -> list[dict[str, Any]]:
+    """Per rank: median step time and median phases (the summary's, else computed from steps)."""
+    by_rank = {r["rank"]: r for r in run.summary.get("ranks", [])}
+    out = []
+    for rank in run.ranks:
+        row = by_rank.get(rank)
+        if row is not None:
+            out.append({"rank": rank, "step_time_s": row.get("step_time_s"), "phases": dict(row.get("phases", {}))})
+            continue
+        lines = steady_lines(run.steps.get(rank, []))
+        phases: dict[str, float] = {}
+        for phase in PHASES:
+            value = median([s["phases"][phase] for s in lines if phase in s.get("phases", {})])
+            if value is not None:
+                phases[phase] = value
+        out.append({"rank": rank, "step_time_s": median([s["duration_s"] for s in lines]), "phases": phases})
+    return out
+
+
+def run_step_time(run: RunData) -> float | None:
+    """The run's median step time: the median over ranks of each rank's median."""
+    return median([r["step_time_s"] for r in rank_breakdown(run) if r["step_time_s"] is not None])
+
+
+@dataclass(slots=True)
+class ModuleTime:
+    """One module's timing, medians over ranks of each rank's steady-state median."""
+
+    module: str
+    module_type: str = ""
+    self_s: dict[str, float] = field(default_factory=dict)
+    """Phase (forward/backward) -> median self time per step."""
+    total_s: dict[str, float] = field(default_factory=dict)
+    """Phase -> median inclusive time per step (children included)."""
+    calls_per_step: float | None = None
+
+    def both(self, kind: str = "total") -> float:
+        """Forward + backward, inclusive (``total``) or ``self``."""
+        values = self.total_s if kind == "total" else self.self_s
+        return values.get("forward", 0.0) + values.get("backward", 0.0)
+
+
+def module_times(run: RunData) -> dict[str, ModuleTime]:
+    """Module name -> its times. Rows without a steady-state median use their step-1 figures."""
+    collect: dict[tuple[str, str], dict[str, list[float]]] = {}
+    types: dict[str, str] = {}
+    for row in run.modules:
+        if row.get("phase") not in ("forward", "backward"):
+            continue
+        total = row.get("total_s") if row.get("total_s") is not None else row.get("warmup_total_s")
+        self_ = row.get("self_s") if row.get("self_s") is not None else row.get("warmup_self_s")
+        cell = collect.setdefault((row["module"], row["phase"]), {"total": [], "self": [], "calls": []})
+        if total is not None:
+            cell["total"].append(total)
+        if self_ is not None:
+            cell["self"].append(self_)
+        calls = row.get("calls_per_step")
+        if calls and row["phase"] == "forward":
+            cell["calls"].append(float(calls))
+        types[row["module"]] = row.get("module_type", "")
+    out: dict[str, ModuleTime] = {}
+    for (module, phase), cell in collect.items():
+        item = out.setdefault(module, ModuleTime(module, types.get(module, "")))
+        total, self_ = median(cell["total"]), median(cell["self"])
+        if total is not None:
+            item.total_s[phase] = total
+        if self_ is not None:
+            item.self_s[phase] = self_
+        if cell["calls"]:
+            item.calls_per_step = median(cell["calls"])
+    return out
+
+
+def first_rank_lines(run: RunData) -> list[dict[str, Any]]:
+    """The steps of the lowest rank (gradient norms agree across ranks after all-reduce)."""
+    return run.steps[min(run.steps)] if run.steps else []
+
+
+def module_norms(run: RunData) -> dict[str, list[tuple[int, float]]]:
+    """Module -> ``(step, gradient norm)`` over the steps that recorded per-module norms."""
+    out: dict[str, list[tuple[int, float]]] = {}
+    for line in first_rank_lines(run):
+        for module, value in (line.get("module_grad_norms") or {}).items():
+            if value is not None:
+                out.setdefault(module, []).append((line["step"], value))
+    return out
+
+
+def events(run: RunData) -> list[dict[str, Any]]:
+    """Every event of every rank's steps, with its step and rank."""
+    out = []
+    for rank, lines in sorted(run.steps.items()):
+        for line in lines:
+            for event in line.get("events") or []:
+                out.append({"step": line["step"], "rank": rank, **event})
+    if not out:  # steps.jsonl missing: the summary keeps the events too
+        out = [dict(e) for e in run.summary.get("events", [])]
+    return out
+
+
+def event_counts(run: RunData) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for event in events(run):
+        counts[event["kind"]] = counts.get(event["kind"], 0) + 1
+    return counts
+
+
+def header(run: RunData) -> dict[str, Any]:
+    """The facts a report opens with: id, ranks, device, steps, wall time, overhead, drops."""
+    ranks = run.summary.get("ranks", [])
+    wall = None
+    for lines in run.steps.values():
+        if lines and "duration_s" in lines[0]:
+            span = sum(s.get("duration_s", 0.0) for s in lines)
+            wall = span if wall is None else max(wall, span)
+    return {
+        "run_id": run.run_id,
+        "ranks": len(run.ranks),
+        "world_size": run.summary.get("world_size", len(run.ranks)),
+        "device": run.summary.get("device", "unknown"),
+        "steps": run.step_count(),
+        "wall_s": wall,
+        "overhead_ratio": run.summary.get("overhead_ratio"),
+        "dropped": sum(sum(r.get("dropped", {}).values()) for r in ranks),
+        "hook_errors": sum(r.get("hook_errors", 0) for r in ranks),
+        "events": event_counts(run),
+    }
