@@ -112,7 +112,7 @@ def modules_from_trace(path: str, rank: int) -> tuple[list[dict[str, Any]], bool
                 cell[1] += float(args.get("self_us", 0.0)) / 1e6
                 cell[2] += 1
     first = min((s for cells in per_step.values() for s in cells), default=0)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for (module, phase), cells in per_step.items():
         steady = [cell for s, cell in cells.items() if s != first]
         warm = cells.get(first)

@@ -75,7 +75,7 @@ def _natural(name: str) -> list[tuple[int, Any]]:
 def build_tree(structure: list[dict[str, Any]]) -> list[Node]:
     """Nodes linked to their parents, parameter counts summed up the tree; the roots."""
     nodes = {e["module"]: Node(e) for e in structure}
-    roots = []
+    roots: list[Node] = []
     for entry in structure:
         node = nodes[entry["module"]]
         parent = nodes.get(entry.get("parent") or "")
