@@ -29,8 +29,16 @@ from hooktrace._record.buffer import (
 _AFTER_BACKWARD = "after_backward"
 
 
+_PLAIN_STEP = (M_FWD, M_BWD, M_BWD_END, M_OPT, M_OPT_END)
+_PLAIN_PHASES = ("data", "forward", "backward", "optimizer", "optimizer")
+
+
 def phase_intervals(start_ns: int, end_ns: int, marks: list[tuple[int, int]]) -> list[tuple[str, int, int]]:
     """``[(phase, start, end), ...]`` covering ``[start_ns, end_ns]`` without gaps or overlaps."""
+    if len(marks) == 5:
+        plain = _plain_step(start_ns, end_ns, marks)
+        if plain is not None:
+            return plain
     out: list[tuple[str, int, int]] = []
     pending: list[tuple[int, int]] = []  # time after a backward, assigned once we know what follows
     current = "data"
@@ -83,6 +91,25 @@ def phase_intervals(start_ns: int, end_ns: int, marks: list[tuple[int, int]]) ->
         else:
             merged.append((phase, s, e))
     return merged
+
+
+def _plain_step(start_ns: int, end_ns: int, marks: list[tuple[int, int]]) -> list[tuple[str, int, int]] | None:
+    """The usual step (one forward, backward, optimizer step; nothing between backward and the
+    optimizer but its own time), without the general walk: most steps of most runs."""
+    kinds = tuple(mark for mark, _ in marks)
+    if kinds != _PLAIN_STEP:
+        return None
+    times = [start_ns, *(t for _, t in marks)]
+    if times != sorted(times) or times[-1] != end_ns:
+        return None
+    out: list[tuple[str, int, int]] = []
+    for phase, start, stop in zip(_PLAIN_PHASES, times, times[1:], strict=False):
+        if stop > start:
+            if out and out[-1][0] == phase:
+                out[-1] = (phase, out[-1][1], stop)
+            else:
+                out.append((phase, start, stop))
+    return out
 
 
 def phase_durations(intervals: list[tuple[str, int, int]]) -> dict[str, float]:

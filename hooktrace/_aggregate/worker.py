@@ -25,6 +25,10 @@ IDLE_FLUSH_INTERVAL_S = 2.0
 """With no new step, files and the metrics snapshot are still refreshed this often."""
 T = TypeVar("T")
 
+YIELD_AFTER_S = 0.001
+"""In a burst, the worker hands the GIL to training after this much work (not after every step:
+each hand-over costs both threads CPU; measured ~60 us per step on a 1.8 ms step)."""
+
 POLL_INTERVAL_S = 0.2
 """The worker wakes this often and drains in a burst: fewer wake-ups cost training less (measured:
 200 ms is cheaper than 50 ms on a 50 ms step, and the same on a 12 ms one)."""
@@ -103,10 +107,13 @@ class Worker:
                 except Exception:
                     self.stats.export_errors["worker"] += 1
             drained = bool(self._queue)
+            yield_at = time.perf_counter() + YIELD_AFTER_S
             while self._queue:
                 self._handle(self._queue.popleft())
                 self._processed += 1
-                time.sleep(0)  # let the training thread take the GIL between steps
+                if time.perf_counter() >= yield_at:
+                    time.sleep(0)  # let the training thread take the GIL
+                    yield_at = time.perf_counter() + YIELD_AFTER_S
             now = time.monotonic()
             urgent = self._urgent.is_set()
             if urgent or now - last_flush >= (FLUSH_INTERVAL_S if drained else IDLE_FLUSH_INTERVAL_S):

@@ -115,6 +115,9 @@ class StepTracker:
             weakref.WeakKeyDictionary()
         )
         """Optimizer -> (steps instrumented parameters, its group count, table size when checked)."""
+        self._last_ours: tuple[Any, int, int] = (None, 0, 0)
+        """(optimizer, groups, table size) of the last optimizer found ours (a strong reference
+        for one step's time: an optimizer lives as long as its training anyway)."""
         self._names: weakref.WeakKeyDictionary[torch.optim.Optimizer, str] = weakref.WeakKeyDictionary()
         """Optimizer -> its stable name: class and index in the order they first stepped (``Adam#1``)."""
 
@@ -191,13 +194,18 @@ class StepTracker:
             buf.compiled = True
             self._compiled_graphs = graphs
         end = now if now is not None else t0
-        if buf.optimizer_steps:
-            end = max(t for m, t in buf.marks if m == M_OPT_END)
-        elif any(m == M_BWD_END for m, _ in buf.marks):
-            end = max(t for m, t in buf.marks if m == M_BWD_END)
-        carry = [mark for mark in buf.marks if mark[1] > end]
-        if carry:
-            buf.marks = [mark for mark in buf.marks if mark[1] <= end]
+        marks = buf.marks
+        if marks and marks[-1][0] == M_OPT_END:  # the usual step: nothing after its update
+            end = marks[-1][1]
+            carry: list[tuple[int, int]] = []
+        else:
+            if buf.optimizer_steps:
+                end = max(t for m, t in marks if m == M_OPT_END)
+            elif any(m == M_BWD_END for m, _ in marks):
+                end = max(t for m, t in marks if m == M_BWD_END)
+            carry = [mark for mark in marks if mark[1] > end]
+            if carry:
+                buf.marks = [mark for mark in marks if mark[1] <= end]
         buf.end_ns = end
         buf.forward_inputs = []  # needed only until the optimizer step
         buf.overhead_ns += buf.hook_ns + len(buf.events) * self.rec.dispatch_ns  # bodies + PyTorch calling them
@@ -425,7 +433,10 @@ class StepTracker:
         """Whether ``optimizer`` updates an instrumented parameter. The optimizer hooks are global:
         an optimizer of a model this agent does not watch must not end its steps. Checked once per
         optimizer, again when it gained parameter groups or the agent gained modules."""
-        groups, size = len(optimizer.param_groups), len(self.rec.table)
+        groups, size = len(optimizer.param_groups), len(self.rec.table.infos)
+        last = self._last_ours
+        if last[0] is optimizer and last[1] == groups and last[2] == size:
+            return True  # the usual call: the optimizer of the previous step, unchanged
         known = self._optimizers.get(optimizer)
         if known is not None and (known[0] or (known[1] == groups and known[2] == size)):
             return known[0]
@@ -436,6 +447,8 @@ class StepTracker:
             # copies of them (fp32 master weights, parameters swapped after attach), so it is ours
             ours = True
         self._optimizers[optimizer] = (ours, groups, size)
+        if ours:
+            self._last_ours = (optimizer, groups, size)
         return ours
 
     def name_of(self, optimizer: torch.optim.Optimizer) -> str:
@@ -496,12 +509,20 @@ def _has_closure(args: Any, kwargs: Any) -> bool:
     return bool(args) and callable(args[0])
 
 
+_dynamo_counters: Any = None
+
+
 def _compiled_graphs() -> int:
     """Graphs torch.compile has compiled in this process (0 before Dynamo is imported)."""
-    utils = sys.modules.get("torch._dynamo.utils")
-    if utils is None:
-        return 0
+    global _dynamo_counters
+    if _dynamo_counters is None:
+        utils = sys.modules.get("torch._dynamo.utils")
+        if utils is None:
+            return 0
+        _dynamo_counters = getattr(utils, "counters", None)
+        if _dynamo_counters is None:
+            return 0
     try:
-        return int(utils.counters["stats"]["unique_graphs"])
+        return int(_dynamo_counters["stats"]["unique_graphs"])
     except Exception:
         return 0

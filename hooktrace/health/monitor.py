@@ -81,6 +81,8 @@ class GradHealth:
         self.watch_params = watch_params or set()
         self._labels: list[str] = []
         self._labels_for: list[ParamRef] | None = None
+        self._groups: tuple[list[str], list[list[int]]] = ([], [])
+        self._groups_for: list[ParamRef] | None = None
 
     def evaluate(
         self,
@@ -102,6 +104,10 @@ class GradHealth:
         verdict = Verdict()
         if not values:
             return verdict
+        if not per_param and len(present) == len(params):
+            total = math.hypot(*values)  # non-finite when any value is: the general path names them
+            if math.isfinite(total):
+                return self._evaluate_all_finite(params, values, total, detail, total_series)
         sq_total = 0.0
         sq_label: dict[str, float] = defaultdict(float)
         if self._labels_for is not params:  # the parameter list changed: label per position again
@@ -142,6 +148,44 @@ class GradHealth:
                 verdict.spike_modules[label] = (norm, m_ratio or 0.0)
         verdict.spike = bool(verdict.spike_modules)
         return verdict
+
+    def _evaluate_all_finite(
+        self, params: list[ParamRef], values: list[float], total: float, detail: bool, total_series: str
+    ) -> Verdict:
+        """``evaluate`` of the usual step on the worker: every parameter had a finite gradient, no
+        per-tensor spike rule. The same verdict, with a norm per module label computed in C
+        (``math.hypot`` over its parameters' norms) and one spike loop over the labels."""
+        verdict = Verdict(total=total)
+        labels, groups = self._label_groups(params)
+        module_norms = [math.hypot(*[values[i] for i in group]) for group in groups]
+        verdict.module_norms = dict(zip(labels, module_norms, strict=True))
+        watched = self.watch_params
+        if detail:
+            verdict.param_norms = {ref.name: value for ref, value in zip(params, values, strict=True)}
+        elif watched:
+            verdict.param_norms = {ref.name: v for ref, v in zip(params, values, strict=True) if ref.name in watched}
+        baseline = self.detector.baseline(total_series)  # before this step: a spike does not lift its own floor
+        floor = math.inf if baseline is None else MODULE_FLOOR * baseline
+        spike, ratio = self.detector.check(total_series, total)
+        verdict.ratio = ratio
+        if spike:
+            verdict.spike_modules[TOTAL] = (total, ratio or 0.0)
+        names = labels if total_series == TOTAL else [f"{total_series}|{label}" for label in labels]
+        for i, m_ratio in self.detector.check_many(names, module_norms, floor):
+            verdict.spike_modules[labels[i]] = (module_norms[i], m_ratio)
+        verdict.spike = bool(verdict.spike_modules)
+        return verdict
+
+    def _label_groups(self, params: list[ParamRef]) -> tuple[list[str], list[list[int]]]:
+        """Module labels in first-seen order and, for each, the positions of its parameters."""
+        if self._groups_for is not params:
+            infos = self.table.infos
+            groups: dict[str, list[int]] = {}
+            for pos, ref in enumerate(params):
+                groups.setdefault(infos[ref.module].label, []).append(pos)
+            self._groups = (list(groups), list(groups.values()))
+            self._groups_for = params
+        return self._groups
 
 
 def locate_nonfinite(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -141,7 +141,11 @@ class GradNormCapture:
         else:
             maybe = [tensors[i].grad for i in positions]
             present = [positions[i] for i, grad in enumerate(maybe) if grad is not None]
-        grads = [grad for grad in maybe if grad is not None]
+        # (never `None in maybe`: `in` compares tensors with ==, 250 us for 26 of them)
+        if len(present) == len(maybe):
+            grads = cast("list[torch.Tensor]", maybe)
+        else:
+            grads = [grad for grad in maybe if grad is not None]
         if not grads:
             return None
         probes = ((_weakref(grads[0]), grads[0]._version),)  # clipping rewrites every gradient

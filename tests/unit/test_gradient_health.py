@@ -566,3 +566,49 @@ def test_a_training_run_whose_tiny_last_layer_jumps_tenfold_reports_no_spike(tmp
     norms = [s["module_grad_norms"]["4"] for s in steps]
     assert norms[29] > 10 * sorted(norms[:29])[14]  # the head did jump, relative to itself
     assert [e for s in steps for e in s["events"]] == []
+
+
+def test_the_every_step_verdict_equals_the_general_one_on_random_runs() -> None:
+    """The worker's usual-step verdict (every gradient finite, hypot per label, one spike loop)
+    must say what the general path says: totals, module norms, ratios, spikes, step by step, with
+    two modules sharing a label and a per-optimizer total series."""
+    import random
+
+    from hooktrace._record.module_table import ModuleTable
+    from hooktrace.health.monitor import GradHealth
+    from hooktrace.health.norms import ParamRef
+
+    model = nn.Sequential(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)), nn.Linear(2, 2), nn.Linear(2, 2))
+    table = ModuleTable(depth=1, max_modules=256)  # model.0.0 and model.0.1 share the label "0"
+    table.add_root(model, "")
+    params = [
+        ParamRef(name, param, table.index_of(module))  # type: ignore[arg-type]
+        for module in model.modules()
+        for name, param in module.named_parameters(recurse=False)
+    ]
+    fast, general = GradHealth(table, explode_factor=5.0), GradHealth(table, explode_factor=5.0)
+    rng = random.Random(3)
+    spikes = 0
+    for step in range(400):
+        values = [rng.uniform(0.5, 1.5) * (40.0 if rng.random() < 0.02 else 1.0) for _ in params]
+        present = list(range(len(params)))
+        series = "__total__/SGD#0" if step % 2 else "__total__"
+        a = fast.evaluate(params, present, values, detail=step % 10 == 0, per_param=False, total_series=series)
+        b = _general_verdict(general, params, present, values, step % 10 == 0, series)
+        assert a.total == pytest.approx(b.total, rel=1e-12)
+        assert a.ratio == (pytest.approx(b.ratio, rel=1e-9) if b.ratio is not None else None)
+        assert a.module_norms == pytest.approx(b.module_norms, rel=1e-12)
+        assert a.param_norms == b.param_norms
+        assert a.spike_modules.keys() == b.spike_modules.keys()
+        spikes += bool(a.spike_modules)
+    assert spikes > 5  # the random spikes were seen, by both
+
+
+def _general_verdict(
+    health: Any, params: Any, present: list[int], values: list[float], detail: bool, series: str
+) -> Any:
+    """``GradHealth.evaluate`` down its general loop (the one that also handles non-finite values
+    and per-tensor rules), reached by asking for the per-tensor rule with a detector that never
+    fires for tensors."""
+    health.param_detector.warmup = 10**9  # per-tensor spikes never fire: only the path changes
+    return health.evaluate(params, present, values, detail=detail, per_param=True, total_series=series)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -89,3 +90,31 @@ def test_full_backward_hooks_take_over_after_the_preflight_even_when_every_step_
     # step 1 runs the preflight; skipped: the inplace ReLU, and the modules whose input needs no grad
     assert full_hooks == [[0, 0, 0], [0, 0, 1], [0, 0, 1]]
     assert sorted(item["module"] for item in summary.backward_skipped) == ["0", "1", "Sequential"]
+
+
+def test_the_plain_step_phases_equal_the_general_walk_on_random_marks() -> None:
+    """The usual step (forward, backward, optimizer) skips the general walk over marks; it must
+    give the same intervals, zero-length phases and equal stamps included."""
+    import random
+
+    from hooktrace._aggregate import timeline
+    from hooktrace._record.buffer import M_BWD, M_BWD_END, M_FWD, M_OPT, M_OPT_END
+
+    rng = random.Random(5)
+    kinds = (M_FWD, M_BWD, M_BWD_END, M_OPT, M_OPT_END)
+    for _ in range(3000):
+        start = rng.randint(0, 50)
+        stamps = sorted(start + rng.choice((0, rng.randint(0, 500))) for _ in kinds)
+        marks = list(zip(kinds, stamps, strict=True))
+        general = _walk(timeline, start, stamps[-1], marks)
+        assert timeline.phase_intervals(start, stamps[-1], marks) == general
+        assert sum(e - s for _, s, e in general) == stamps[-1] - start
+
+
+def _walk(timeline: Any, start: int, end: int, marks: list[tuple[int, int]]) -> list[tuple[str, int, int]]:
+    """``phase_intervals`` with its plain-step shortcut switched off."""
+    shortcut, timeline._plain_step = timeline._plain_step, lambda *args: None
+    try:
+        return timeline.phase_intervals(start, end, marks)  # type: ignore[no-any-return]
+    finally:
+        timeline._plain_step = shortcut
