@@ -80,7 +80,11 @@ class Config:
     """Module or parameter names (``get_submodule``/``get_parameter``) kept in full detail always."""
     trace_ranks: str = "auto"
     """Ranks whose spans carry phase and module detail: ``auto`` (every rank up to 8 ranks, else rank
-    0 and the slowest) or a comma list like ``0,3``. A string, so that it travels as one env value."""
+    0, one rank per node and the slowest), ``all``, or a comma list like ``0,3``. A string, so that
+    it travels as one env value."""
+    module_metrics_ranks: str = "auto"
+    """Ranks whose ``/metrics`` carry per-module series (same values as ``trace_ranks``); the others
+    export step-level series only (at most ``export.prometheus.STEP_LEVEL_BUDGET``)."""
     write_files: bool = True
     """Write ``rank<r>.trace.json``, ``rank<r>.steps.jsonl`` and ``summary.json`` under ``out``."""
     print_summary: bool = False
@@ -110,7 +114,8 @@ class Config:
         for name, choices in _CHOICES.items():
             if getattr(self, name) not in choices:
                 raise ConfigError(f"{_where(name)} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
-        self.trace_ranks = _normal_trace_ranks(self.trace_ranks)
+        self.trace_ranks = normal_ranks("trace_ranks", self.trace_ranks)
+        self.module_metrics_ranks = normal_ranks("module_metrics_ranks", self.module_metrics_ranks)
         if self.run_id is not None and (not self.run_id or "/" in self.run_id):
             raise ConfigError(f"{_where('run_id')} must be a non-empty name without '/', got {self.run_id!r}")
 
@@ -138,13 +143,15 @@ class Config:
         return self.out or os.path.join("hooktrace-runs", self.run_id or "run")
 
 
-AUTO_TRACE_RANKS = "auto"
+AUTO_RANKS = "auto"
+ALL_RANKS = "all"
 
 
-def _normal_trace_ranks(value: object) -> str:
-    """``"auto"`` or a canonical ``"0,3"``; a sequence of ints from Python is accepted too."""
-    if isinstance(value, str) and value.strip().lower() == AUTO_TRACE_RANKS:
-        return AUTO_TRACE_RANKS
+def normal_ranks(name: str, value: object) -> str:
+    """A rank choice (``--trace-ranks``, ``--module-metrics-ranks``): ``"auto"``, ``"all"`` or a
+    canonical ``"0,3"``; a sequence of ints from Python is accepted too. ``name`` is the field."""
+    if isinstance(value, str) and value.strip().lower() in (AUTO_RANKS, ALL_RANKS):
+        return value.strip().lower()
     parts: list[object]
     if isinstance(value, str):
         parts = [part.strip() for part in value.split(",")]
@@ -157,15 +164,15 @@ def _normal_trace_ranks(value: object) -> str:
         if isinstance(part, bool) or not (
             (isinstance(part, int) and part >= 0) or (isinstance(part, str) and part.isdigit())
         ):
-            # raise, not skip: a typo here would silently trace nothing on the intended ranks
-            raise ConfigError(f"{_where('trace_ranks')} must be auto or a comma list of ranks like 0,3, got {value!r}")
+            # raise, not skip: a typo here would silently leave out the intended ranks
+            raise ConfigError(f"{_where(name)} must be auto, all or a comma list of ranks like 0,3, got {value!r}")
         ranks.add(int(part))
     return ",".join(str(rank) for rank in sorted(ranks))
 
 
-def trace_rank_list(value: str) -> tuple[int, ...] | None:
-    """The ranks of a normalised ``trace_ranks`` value; ``None`` means auto."""
-    if value == AUTO_TRACE_RANKS:
+def rank_list(value: str) -> tuple[int, ...] | None:
+    """The ranks of a normalised rank choice; ``None`` for ``auto`` and ``all``."""
+    if value in (AUTO_RANKS, ALL_RANKS):
         return None
     return tuple(int(part) for part in value.split(","))
 

@@ -11,6 +11,8 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from hooktrace.config import ALL_RANKS, rank_list
+
 
 @dataclass(frozen=True, slots=True)
 class Placement:
@@ -52,3 +54,33 @@ def placement(environ: Mapping[str, str] | None = None) -> Placement:
         node=socket.gethostname(),
         restart_count=_int(env, "TORCHELASTIC_RESTART_COUNT") or 0,
     )
+
+
+AUTO_ALL_RANKS = 8
+"""A rank choice of ``auto`` covers every rank up to this world size."""
+
+
+@dataclass(slots=True)
+class RankChoice:
+    """Whether this rank is one of the ranks a ``--trace-ranks`` / ``--module-metrics-ranks`` value
+    chooses: a list names them; ``all`` is every rank; ``auto`` is every rank up to 8 ranks, beyond
+    that rank 0, one rank per node (its local rank 0) and the slowest rank once known.
+
+    ``slowest_rank`` is set by whoever learns it (the worker thread); readers see the old or the new
+    value, both valid answers, so no lock is taken.
+    """
+
+    value: str
+    """A normalised choice (``config.normal_ranks``): ``auto``, ``all`` or ``0,3``."""
+    rank: int
+    local_rank: int
+    world_size: int
+    slowest_rank: int | None = None
+
+    def includes_this_rank(self) -> bool:
+        listed = rank_list(self.value)
+        if listed is not None:
+            return self.rank in listed
+        if self.value == ALL_RANKS or self.world_size <= AUTO_ALL_RANKS:
+            return True
+        return self.rank == 0 or self.local_rank == 0 or self.rank == self.slowest_rank

@@ -55,8 +55,13 @@ HOOKTRACE_WATCH = "HOOKTRACE_WATCH"
 """Comma-separated module/parameter names always kept in full detail. Default: none."""
 
 HOOKTRACE_TRACE_RANKS = "HOOKTRACE_TRACE_RANKS"
-"""Ranks that emit span detail: comma-separated ranks (``0,3``) or ``auto`` (every rank up to 8
-ranks, else rank 0 and the slowest). Rank 0 always emits the root ``step {n}`` span. Default: auto."""
+"""Ranks that emit span detail: comma-separated ranks (``0,3``), ``all`` or ``auto`` (every rank up to
+8 ranks, else rank 0, one rank per node and the slowest). Rank 0 always emits the root ``step {n}``
+span. Default: auto."""
+
+HOOKTRACE_MODULE_METRICS_RANKS = "HOOKTRACE_MODULE_METRICS_RANKS"
+"""Ranks whose ``/metrics`` carry per-module series; same values as ``HOOKTRACE_TRACE_RANKS``. The
+other ranks export step-level series only. Default: auto."""
 
 HOOKTRACE_QUIET_SUMMARY = "HOOKTRACE_QUIET_SUMMARY"
 """Set to 1 by ``hooktrace run --nproc-per-node``: workers stay quiet, the launcher prints the
@@ -84,6 +89,7 @@ CONFIG_ENV: dict[str, str] = {
     "on_nonfinite": HOOKTRACE_ON_NONFINITE,
     "watch": HOOKTRACE_WATCH,
     "trace_ranks": HOOKTRACE_TRACE_RANKS,
+    "module_metrics_ranks": HOOKTRACE_MODULE_METRICS_RANKS,
 }
 """Config field -> the environment variable that sets it."""
 

@@ -16,6 +16,7 @@ from typing import Any
 from hooktrace._aggregate.module_stats import ModuleTimes
 from hooktrace._aggregate.snapshot import (
     MODULE_TYPE_BUCKETS,
+    PHASE_BUCKETS,
     PHASES,
     STEP_BUCKETS,
     Histogram,
@@ -69,7 +70,7 @@ class RankStats:
 
     def __post_init__(self) -> None:
         for phase in PHASES:
-            self.phase_hist[phase] = Histogram(STEP_BUCKETS)
+            self.phase_hist[phase] = Histogram(PHASE_BUCKETS)
 
     def add(self, record: StepRecord) -> None:
         """Fold one step in (a partial one only for its events and norms)."""

@@ -34,7 +34,15 @@ CONFIG_OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("--watch", {"type": str, "multiple": True, "help": "Module/parameter name kept in full detail (repeatable)."}),
     (
         "--trace-ranks",
-        {"type": str, "help": "Ranks whose spans carry module detail: auto (all up to 8, else 0 + slowest) or 0,3."},
+        {
+            "type": str,
+            "help": "Ranks whose spans carry module detail: auto (all up to 8, else 0, one per node, slowest), "
+            "all, or 0,3.",
+        },
+    ),
+    (
+        "--module-metrics-ranks",
+        {"type": str, "help": "Ranks whose /metrics carry per-module series (as --trace-ranks); others: step level."},
     ),
 ]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
+from hooktrace.distributed import RankChoice
 from hooktrace.export.base import Exporter
 
 if TYPE_CHECKING:
@@ -39,6 +40,9 @@ def make_exporters(agent: Agent) -> list[Exporter]:
                 local_rank=agent.info.local_rank,
                 out_dir=agent.out_dir if cfg.write_files else None,
                 info=agent.info,
+                module_ranks=RankChoice(
+                    cfg.module_metrics_ranks, agent.info.rank, agent.info.local_rank, agent.info.world_size
+                ),
             )
         )
     if cfg.otlp_endpoint:

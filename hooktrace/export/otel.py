@@ -51,7 +51,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 from opentelemetry.sdk.trace.id_generator import IdGenerator
 
 from hooktrace._version import __version__
-from hooktrace.config import trace_rank_list
+from hooktrace.distributed import RankChoice
 from hooktrace.errors import HooktraceError
 from hooktrace.export.ids import step_trace_id
 
@@ -68,8 +68,6 @@ EXPORT_TIMEOUT_S = 2.0
 """Per export request, retries included, unless ``OTEL_EXPORTER_OTLP_[TRACES_]TIMEOUT`` is set."""
 CLOSE_TIMEOUT_S = 3.0
 """``close()`` sends what is queued for at most this long, then gives up (and counts the rest)."""
-AUTO_ALL_RANKS = 8
-"""``--trace-ranks auto`` traces every rank up to this world size, else rank 0 and the slowest."""
 TRACES_PATH = "/v1/traces"
 SPAN_EVENTS = ("grad_spike", "nonfinite", "grad_clip", "amp_skip", "hook_error")
 """Every kind of ``StepEvent``: each becomes a span event named like it."""
@@ -277,13 +275,11 @@ class OtelExporter:
         self.info = info
         self.restart_count = restart_count
         self.depth = depth
-        self.ranks = trace_rank_list(trace_ranks)
+        self.ranks = RankChoice(trace_ranks, info.rank, info.local_rank, info.world_size)
         self.watch = tuple(watch)
         self.span_exporter = span_exporter
         self.max_queue_size = max_queue_size
         self.environ = environ
-        self.slowest_rank: int | None = None
-        """Set by whoever knows it (cross-rank straggler detection); ``auto`` then traces it too."""
         self._stats = stats
         self._ledger = _Ledger()
         self._provider: TracerProvider | None = None
@@ -348,10 +344,16 @@ class OtelExporter:
 
     def traces_this_rank(self) -> bool:
         """Whether this rank emits its ``rank {r}`` subtree (rank 0 always emits the root)."""
-        rank = self.info.rank
-        if self.ranks is not None:
-            return rank in self.ranks
-        return self.info.world_size <= AUTO_ALL_RANKS or rank == 0 or rank == self.slowest_rank
+        return self.ranks.includes_this_rank()
+
+    @property
+    def slowest_rank(self) -> int | None:
+        """Set by whoever knows it (cross-rank straggler detection); ``auto`` then traces it too."""
+        return self.ranks.slowest_rank
+
+    @slowest_rank.setter
+    def slowest_rank(self, rank: int | None) -> None:
+        self.ranks.slowest_rank = rank
 
     def export_step(self, step: StepRecord) -> None:
         tracer = self._tracer

@@ -18,6 +18,8 @@ subtree it covers: its sum is the covering module's inclusive time and its count
 descendants folded into the same label are never added on top (a never-called container such as a
 ``ModuleList`` lets its called children stand for the label side by side).
 
+A rank outside ``--module-metrics-ranks`` exports step-level series only (``series_budget``).
+
 Every series carries ``run_id`` and ``rank``. Counters are exposed without ``_created`` series.
 Step, phase and module-type histograms carry an OpenMetrics exemplar ``{trace_id="..."}`` on the
 bucket of the latest sampled observation (visible when the scraper asks for OpenMetrics).
@@ -52,8 +54,10 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.samples import Exemplar
 
 from hooktrace._aggregate.snapshot import Histogram, MetricsSnapshot, RankInfo
+from hooktrace.distributed import RankChoice
 from hooktrace.errors import HooktraceError
 from hooktrace.export.files import write_json_atomic
+from hooktrace.export.series_budget import step_level
 
 if TYPE_CHECKING:
     from hooktrace._aggregate.step_record import StepRecord
@@ -184,9 +188,12 @@ class HooktraceCollector(Collector):
     is immutable and swapped in with one attribute assignment, so neither side takes a lock.
     """
 
-    def __init__(self, info: RankInfo | None = None) -> None:
+    def __init__(self, info: RankInfo | None = None, module_ranks: RankChoice | None = None) -> None:
         self._snapshot: MetricsSnapshot | None = None
         self._info = info
+        self.module_ranks = module_ranks
+        """Whether this rank exports per-module series (``None``: always); asked at every scrape, so
+        a rank that becomes the slowest starts exporting them at the next scrape."""
         self.scrape_size_bytes: int | None = None
         """Uncompressed body size of the previous scrape; set by ``PrometheusExporter``'s server."""
 
@@ -205,6 +212,8 @@ class HooktraceCollector(Collector):
             return
         yield _info_family(info)
         if snap is not None:
+            if self.module_ranks is not None and not self.module_ranks.includes_this_rank():
+                snap = step_level(snap)
             yield from _families(snap, self.scrape_size_bytes)
 
 
@@ -298,8 +307,9 @@ class PrometheusExporter:
         local_rank: int,
         out_dir: str | None,
         info: RankInfo,
+        module_ranks: RankChoice | None = None,
     ) -> None:
-        self.collector = HooktraceCollector(info)
+        self.collector = HooktraceCollector(info, module_ranks)
         self.addr = addr
         self.base_port = base_port
         self.local_rank = local_rank
@@ -311,6 +321,17 @@ class PrometheusExporter:
         self.registry.register(self.collector)
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
+
+    @property
+    def slowest_rank(self) -> int | None:
+        """Set by whoever knows it (the agent); ``--module-metrics-ranks auto`` then includes it."""
+        choice = self.collector.module_ranks
+        return choice.slowest_rank if choice is not None else None
+
+    @slowest_rank.setter
+    def slowest_rank(self, rank: int | None) -> None:
+        if self.collector.module_ranks is not None:
+            self.collector.module_ranks.slowest_rank = rank
 
     def start(self) -> None:
         """Bind, serve in a daemon thread, and publish the target; a no-op when the port is 0."""

@@ -215,7 +215,7 @@ def test_trace_ranks_choose_which_ranks_emit_detail_and_rank_0_always_emits_the_
     assert [s.name for s in spans] == ["step 1"]
     _, spans, _ = _feed(records, info=dataclasses.replace(rank0, rank=1), trace_ranks="0")
     assert spans == []
-    big = dataclasses.replace(rank0, rank=5, world_size=16)
+    big = dataclasses.replace(rank0, rank=5, local_rank=5, world_size=16)  # not its node's first rank
     assert not OtelExporter(NOWHERE, info=big).traces_this_rank()
     slow = OtelExporter(NOWHERE, info=big)
     slow.slowest_rank = 5
@@ -227,7 +227,7 @@ def test_trace_ranks_accepts_auto_or_a_rank_list_and_names_flag_and_variable_whe
     assert hooktrace.Config.resolve({}, environ={}).trace_ranks == "auto"
     assert hooktrace.Config.resolve({}, environ={"HOOKTRACE_TRACE_RANKS": "3, 0"}).trace_ranks == "0,3"
     assert hooktrace.Config.resolve({"trace_ranks": [2, 1]}, environ={}).trace_ranks == "1,2"
-    with pytest.raises(ConfigError, match=r"--trace-ranks / HOOKTRACE_TRACE_RANKS must be auto or a comma list"):
+    with pytest.raises(ConfigError, match=r"--trace-ranks / HOOKTRACE_TRACE_RANKS must be auto, all or a comma list"):
         hooktrace.Config.resolve({}, environ={"HOOKTRACE_TRACE_RANKS": "first"})
 
 
