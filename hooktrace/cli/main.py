@@ -109,8 +109,49 @@ def run(as_module: bool, target_and_args: tuple[str, ...], **options: Any) -> No
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--top", default=10, show_default=True, help="How many modules to list.")
 @click.option("--json", "as_json", is_flag=True, help="Print summary.json instead of the text summary.")
-def report(run_dir: str, top: int, as_json: bool) -> None:
-    """Print the summary of a finished (or still running) run directory."""
+@click.option(
+    "--html",
+    "html_path",
+    is_flag=False,
+    flag_value="",
+    default=None,
+    metavar="[PATH]",
+    help="Write a self-contained HTML report (default RUN_DIR/report.html) and print its path.",
+)
+@click.option("--tree", is_flag=True, help="Print the model like print(model), annotated per module.")
+@click.option("--depth", type=click.IntRange(min=1), default=None, help="--tree: levels shown [all].")
+@click.option(
+    "--sort",
+    type=click.Choice(["model", "time", "params"]),
+    default="model",
+    show_default=True,
+    help="--tree: order of sibling modules.",
+)
+def report(
+    run_dir: str, top: int, as_json: bool, html_path: str | None, tree: bool, depth: int | None, sort: str
+) -> None:
+    """Print the summary of a finished (or still running, or killed) run directory.
+
+    Reads only the run's files, so it works on another machine and on a run that was killed.
+    """
+    from hooktrace.report.load import ReportError, load_run
+
+    if html_path is None and not tree:
+        _print_summary(run_dir, top, as_json)
+        return
+    try:
+        run = load_run(run_dir)
+        if html_path is not None:
+            from hooktrace.report.html import write_html
+
+            click.echo(write_html(run, html_path or None))
+        if tree:
+            _print_tree(run, depth, sort)
+    except ReportError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _print_summary(run_dir: str, top: int, as_json: bool) -> None:
     import json
 
     from hooktrace.summary import RunSummary
@@ -118,11 +159,65 @@ def report(run_dir: str, top: int, as_json: bool) -> None:
 
     merged = merge_dir(run_dir, check_gradients=True)
     if not merged:
-        raise click.ClickException(f"no rank*.summary.json in {run_dir}; is it a hooktrace run directory?")
+        raise click.ClickException(
+            f"no rank*.summary.json in {run_dir} (a run killed in its first 10 s has none); "
+            "hooktrace report --html or --tree still reads its steps and trace files"
+        )
     if as_json:
         click.echo(json.dumps(merged, indent=1))
     else:
         click.echo(RunSummary.from_dict(merged).render(top))
+
+
+def _print_tree(run: Any, depth: int | None, sort: str) -> None:
+    """Colours through rich on a terminal, plain text when piped."""
+    from rich.console import Console
+
+    from hooktrace.report.tree import render_plain, render_rich, tree_lines
+
+    lines, notes = tree_lines(run, depth=depth, sort=sort)
+    console = Console()
+    if console.is_terminal:
+        console.print(render_rich(lines, notes), soft_wrap=True, highlight=False)
+    else:
+        click.echo(render_plain(lines, notes))
+
+
+@cli.command()
+@click.argument("base_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("new_dir", type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--fail-above", type=float, default=None, metavar="PCT", help="Exit 1 if anything slowed by more than PCT%."
+)
+@click.option("--noise", type=float, default=5.0, show_default=True, metavar="PCT", help="Smaller changes are noise.")
+@click.option(
+    "--min-share",
+    type=float,
+    default=0.5,
+    show_default=True,
+    metavar="PCT",
+    help="Changes under PCT% of the base step time are noise.",
+)
+@click.option("--top", default=15, show_default=True, help="How many modules to list.")
+@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
+def diff(
+    base_dir: str, new_dir: str, fail_above: float | None, noise: float, min_share: float, top: int, as_json: bool
+) -> None:
+    """Compare run NEW_DIR against BASE_DIR: step time, phases, then modules ranked by change."""
+    import json
+
+    from hooktrace.report.diff import compare, render_diff
+    from hooktrace.report.load import ReportError, load_run
+
+    try:
+        result = compare(
+            load_run(base_dir), load_run(new_dir), noise_pct=noise, min_share_pct=min_share, fail_above=fail_above
+        )
+    except ReportError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(json.dumps(result.as_dict(), indent=1) if as_json else render_diff(result, top))
+    if result.failed:
+        sys.exit(1)
 
 
 @cli.command()

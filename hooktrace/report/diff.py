@@ -61,9 +61,15 @@ def _change(kind: str, name: str, base: float | None, new: float | None, noise: 
     if base is None or new is None:
         return change
     change.delta_s = new - base
-    change.pct = (new - base) / base * 100 if base > 0 else (0.0 if new == base else float("inf"))
-    change.significant = abs(change.delta_s) >= floor and abs(change.pct) >= noise
+    change.pct = (new - base) / base * 100 if base > 0 else (0.0 if new == base else None)  # None: from zero
+    change.significant = abs(change.delta_s) >= floor and (change.pct is None or abs(change.pct) >= noise)
     return change
+
+
+def _slowed_above(change: Change, limit: float) -> bool:
+    if not change.significant or change.delta_s is None or change.delta_s <= 0:
+        return False
+    return change.pct is None or change.pct > limit
 
 
 def _phase_medians(run: RunData) -> dict[str, float]:
@@ -116,16 +122,14 @@ def compare(
         notes=[f"base: {m}" for m in base.missing] + [f"new: {m}" for m in new.missing],
     )
     if fail_above is not None:
-        diff.failed = [
-            c for c in [step, *phases, *modules] if c.significant and c.pct is not None and c.pct > fail_above
-        ]
+        diff.failed = [c for c in [step, *phases, *modules] if _slowed_above(c, fail_above)]
     return diff
 
 
 def _pct(change: Change) -> str:
     if change.pct is None:
-        return "-"
-    return "new" if change.pct == float("inf") else f"{change.pct:+.1f}%"
+        return "-" if change.delta_s is None else "from 0"
+    return f"{change.pct:+.1f}%"
 
 
 def _line(change: Change, width: int) -> str:

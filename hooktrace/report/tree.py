@@ -62,13 +62,13 @@ def synthetic_structure(names: list[str], types: dict[str, str]) -> list[dict[st
         everything.update(".".join(parts[:i]) for i in range(1, len(parts)))
     everything.discard(root)
     entries = [{"module": root, "type": types.get(root, root), "parent": None, "key": "", "extra_repr": ""}]
-    for name in sorted(everything, key=_natural):
+    for name in sorted(everything, key=natural_key):
         parent = name.rsplit(".", 1)[0] if "." in name else root
         entries.append({"module": name, "type": types.get(name, "?"), "parent": parent, "key": name.rsplit(".", 1)[-1]})
     return entries
 
 
-def _natural(name: str) -> list[tuple[int, Any]]:
+def natural_key(name: str) -> list[tuple[int, Any]]:
     return [(0, int(p)) if p.isdigit() else (1, p) for p in name.split(".")]
 
 
@@ -113,7 +113,7 @@ def tree_lines(run: RunData, depth: int | None = None, sort: str = "model") -> t
     structure = run.model
     notes: list[str] = []
     if not structure:
-        names = sorted(set(times) | set(norms), key=_natural)
+        names = sorted(set(times) | set(norms), key=natural_key)
         structure = synthetic_structure(names, {m: t.module_type for m, t in times.items()})
         notes.append("no model structure in this run's files: tree rebuilt from module names (no extra_repr, params)")
     roots = build_tree(structure)

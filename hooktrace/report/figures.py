@@ -1,0 +1,384 @@
+"""Chart specifications (Plotly figure JSON: ``{"data": [...], "layout": {...}}``) from report rows.
+
+Plain dicts, built without importing Plotly's Python package, so that building a report of
+10,000 steps and 1,000 modules takes well under a second. Every chart is bounded: series longer
+than :data:`MAX_POINTS` are averaged in buckets, the heatmap keeps :data:`MAX_HEAT_MODULES` rows
+and :data:`MAX_HEAT_STEPS` columns, the icicle :data:`MAX_TREE_MODULES` modules; the titles say so.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from hooktrace.report.load import RunData
+from hooktrace.report.rows import PHASES, first_rank_lines, module_norms, module_times, rank_breakdown
+from hooktrace.report.tree import natural_key, synthetic_structure
+
+MAX_POINTS = 2000
+MAX_RANK_CHARTS = 8
+MAX_EVENTS = 1000
+MAX_BARS = 20
+MAX_HEAT_MODULES = 200
+MAX_HEAT_STEPS = 500
+MAX_TREE_MODULES = 1000
+MAX_FLOW_STEPS = 8
+
+PHASE_COLORS = {
+    "data": "#9e9e9e",
+    "forward": "#1f77b4",
+    "backward": "#ff7f0e",
+    "optimizer": "#2ca02c",
+    "allreduce": "#d62728",
+    "eval": "#9467bd",
+    "other": "#e0e0e0",
+}
+LIGHT = {"forward": "#aec7e8", "backward": "#ffbb78"}
+"""Inclusive bars: the phase's colour, lighter."""
+EVENT_SYMBOLS = {"grad_spike": "triangle-up", "nonfinite": "x", "grad_clip": "diamond", "amp_skip": "circle-open"}
+
+Figure = dict[str, Any]
+
+
+def _r(value: float | None) -> float | None:
+    """Six significant digits: the file stays small, the hover stays exact enough."""
+    return None if value is None or not math.isfinite(value) else float(f"{value:.6g}")
+
+
+def _layout(title: str, **extra: Any) -> dict[str, Any]:
+    layout: dict[str, Any] = {
+        "title": {"text": title, "font": {"size": 15}},
+        "margin": {"l": 60, "r": 20, "t": 70, "b": 45},
+        "hovermode": "closest",
+        "font": {"family": "system-ui, -apple-system, Segoe UI, sans-serif", "size": 12},
+        "legend": {"orientation": "h", "y": -0.2},
+    }
+    layout.update(extra)
+    return layout
+
+
+def buckets(n: int, limit: int = MAX_POINTS) -> int:
+    """How many consecutive points to average so that ``n`` points become at most ``limit``."""
+    return max(1, math.ceil(n / limit))
+
+
+def _reduce(xs: list[int], ys: list[float | None], size: int, how: str = "mean") -> tuple[list[int], list[Any]]:
+    if size == 1:
+        return xs, [_r(y) for y in ys]
+    out_x, out_y = [], []
+    for start in range(0, len(xs), size):
+        chunk = [y for y in ys[start : start + size] if y is not None]
+        out_x.append(xs[start])
+        value = (max(chunk) if how == "max" else sum(chunk) / len(chunk)) if chunk else None
+        out_y.append(_r(value))
+    return out_x, out_y
+
+
+def shown_ranks(run: RunData) -> list[int]:
+    """Ranks drawn one chart each: all up to 8, else the lowest ones and the straggler."""
+    ranks = run.ranks
+    if len(ranks) <= MAX_RANK_CHARTS:
+        return ranks
+    straggler = (run.summary.get("straggler") or {}).get("rank")
+    keep = ranks[: MAX_RANK_CHARTS - 1]
+    return [*keep, straggler] if straggler is not None and straggler not in keep else ranks[:MAX_RANK_CHARTS]
+
+
+def step_figure(run: RunData, rank: int) -> Figure:
+    """One rank's step time over steps, stacked by phase, with its events marked."""
+    lines = run.steps.get(rank, [])
+    xs = [s["step"] for s in lines]
+    size = buckets(len(xs))
+    data: list[dict[str, Any]] = []
+    for phase in (*PHASES, "other"):
+        if phase == "other":
+            ys = [max(0.0, s["duration_s"] - sum(s.get("phases", {}).values())) * 1e3 for s in lines]
+        else:
+            if not any(phase in s.get("phases", {}) for s in lines):
+                continue
+            ys = [s.get("phases", {}).get(phase, 0.0) * 1e3 for s in lines]
+        bx, by = _reduce(xs, list(ys), size)
+        data.append(
+            {
+                "type": "scatter",
+                "mode": "lines",
+                "name": phase,
+                "x": bx,
+                "y": by,
+                "stackgroup": "phases",
+                "line": {"width": 0.5, "color": PHASE_COLORS[phase]},
+                "hovertemplate": f"step %{{x}}<br>{phase} %{{y:.3f}} ms",
+            }
+        )
+    marks = [(s["step"], s["duration_s"] * 1e3, e) for s in lines for e in s.get("events") or []][:MAX_EVENTS]
+    for kind in sorted({e["kind"] for _, _, e in marks}):
+        these = [(x, y, e) for x, y, e in marks if e["kind"] == kind]
+        data.append(
+            {
+                "type": "scatter",
+                "mode": "markers",
+                "name": kind,
+                "x": [x for x, _, _ in these],
+                "y": [_r(y) for _, y, _ in these],
+                "marker": {"symbol": EVENT_SYMBOLS.get(kind, "star"), "size": 10, "color": "#000"},
+                "text": [
+                    f"{kind} {e.get('first_module', e.get('module', ''))} ({e.get('phase', '')}) {e.get('value')}"
+                    for _, _, e in these
+                ],
+                "hovertemplate": "step %{x}<br>%{text}<extra></extra>",
+            }
+        )
+    note = f" (mean of every {size} steps)" if size > 1 else ""
+    return {
+        "data": data,
+        "layout": _layout(
+            f"Rank {rank}: step time by phase{note}; events marked",
+            xaxis={"title": {"text": "step"}, "rangeslider": {"visible": len(xs) > 200}},
+            yaxis={"title": {"text": "ms"}},
+        ),
+    }
+
+
+def module_bars(run: RunData, phase: str) -> Figure:
+    """The slowest modules of one phase: self and inclusive time side by side."""
+    times = [t for t in module_times(run).values() if phase in t.total_s]
+    times.sort(key=lambda t: -t.total_s[phase])
+    top = list(reversed(times[:MAX_BARS]))
+    names = [t.module for t in top]
+    data = [
+        {
+            "type": "bar",
+            "orientation": "h",
+            "name": "self",
+            "y": names,
+            "x": [_r(t.self_s.get(phase, 0) * 1e3) for t in top],
+            "marker": {"color": PHASE_COLORS[phase]},
+            "hovertemplate": "%{y}<br>self %{x:.3f} ms<extra></extra>",
+        },
+        {
+            "type": "bar",
+            "orientation": "h",
+            "name": "inclusive",
+            "y": names,
+            "x": [_r(t.total_s[phase] * 1e3) for t in top],
+            "marker": {"color": LIGHT[phase]},
+            "hovertemplate": "%{y}<br>inclusive %{x:.3f} ms<extra></extra>",
+        },
+    ]
+    return {
+        "data": data,
+        "layout": _layout(
+            f"Slowest modules, {phase} (top {len(top)} of {len(times)}; median ms per step)",
+            barmode="group",
+            height=max(300, 28 * len(top) + 120),
+            xaxis={"title": {"text": "ms per step"}},
+            yaxis={"automargin": True},
+        ),
+    }
+
+
+def structure_of(run: RunData) -> list[dict[str, Any]]:
+    """The model structure, or one rebuilt from module names (a run killed before its summary)."""
+    if run.model:
+        return run.model
+    times = module_times(run)
+    names = sorted(set(times) | set(module_norms(run)), key=natural_key)
+    return synthetic_structure(names, {m: t.module_type for m, t in times.items()})
+
+
+def icicle_figure(run: RunData) -> Figure:
+    """The module tree as an icicle sized by self time (forward + backward): time as area."""
+    times = module_times(run)
+    structure = structure_of(run)
+    by_name = {e["module"]: e for e in structure}
+    keep = set(by_name)
+    note = ""
+    if len(keep) > MAX_TREE_MODULES:
+        ranked = sorted(by_name, key=lambda m: -(times[m].both() if m in times else 0.0))[:MAX_TREE_MODULES]
+        keep = set()
+        for name in ranked:
+            while name and name not in keep:
+                keep.add(name)
+                name = by_name[name].get("parent") or ""
+        note = f" ({len(keep)} of {len(by_name)} modules: the slowest and their parents)"
+    entries = [e for e in structure if e["module"] in keep]
+    values = [_r((times[e["module"]].both("self") if e["module"] in times else 0.0) * 1e3) for e in entries]
+    data = [
+        {
+            "type": "icicle",
+            "ids": [e["module"] for e in entries],
+            "labels": [e["module"].rsplit(".", 1)[-1] + f" ({e['type']})" for e in entries],
+            "parents": [e.get("parent") or "" for e in entries],
+            "values": values,
+            "branchvalues": "remainder",
+            "maxdepth": 5,
+            "tiling": {"orientation": "v"},
+            "marker": {
+                "colors": [_r(times[e["module"]].both() * 1e3) if e["module"] in times else 0 for e in entries],
+                "colorscale": "YlOrRd",
+                "showscale": True,
+                "colorbar": {"title": {"text": "ms with children"}},
+            },
+            "hovertemplate": "%{id}<br>self %{value:.3f} ms, with children: %{customdata:.3f} ms<extra></extra>",
+            "customdata": [_r(times[e["module"]].both() * 1e3) if e["module"] in times else 0 for e in entries],
+        }
+    ]
+    return {
+        "data": data,
+        "layout": _layout(f"Module tree sized by time per step, forward + backward{note}; click to zoom", height=520),
+    }
+
+
+def grad_norm_figure(run: RunData) -> Figure:
+    """Total gradient norm, its rolling median and the spike threshold (factor x median)."""
+    lines = [s for s in first_rank_lines(run) if "grad_norm" in s]
+    factor = float(run.config.get("explode_factor", 10.0))
+    xs = [s["step"] for s in lines]
+    norms = [s.get("grad_norm") for s in lines]
+    medians = [
+        s["grad_norm"] / s["grad_norm_ratio"] if s.get("grad_norm") and s.get("grad_norm_ratio") else None
+        for s in lines
+    ]
+    size = buckets(len(xs))
+    bx, by = _reduce(xs, norms, size, "max")
+    mx, my = _reduce(xs, medians, size)
+    data = [
+        {
+            "type": "scatter",
+            "mode": "lines",
+            "name": "total norm" + (" (max per bucket)" if size > 1 else ""),
+            "x": bx,
+            "y": by,
+            "line": {"color": "#1f77b4"},
+        },
+        {
+            "type": "scatter",
+            "mode": "lines",
+            "name": "rolling median",
+            "x": mx,
+            "y": my,
+            "line": {"color": "#555", "dash": "dot"},
+        },
+        {
+            "type": "scatter",
+            "mode": "lines",
+            "name": f"spike threshold ({factor:g} x median)",
+            "x": mx,
+            "y": [_r(v * factor) if v is not None else None for v in my],
+            "line": {"color": "#d62728", "dash": "dash"},
+        },
+    ]
+    spikes = [(s["step"], s.get("grad_norm")) for s in lines if any(e["kind"] == "grad_spike" for e in s["events"])]
+    if spikes:
+        data.append(
+            {
+                "type": "scatter",
+                "mode": "markers",
+                "name": "spike",
+                "x": [x for x, _ in spikes][:MAX_EVENTS],
+                "y": [_r(y) for _, y in spikes][:MAX_EVENTS],
+                "marker": {"color": "#d62728", "size": 9},
+            }
+        )
+    return {
+        "data": data,
+        "layout": _layout(
+            "Total gradient norm (log scale)",
+            xaxis={"title": {"text": "step"}},
+            yaxis={"type": "log", "title": {"text": "norm"}},
+        ),
+    }
+
+
+def heatmap_figure(run: RunData) -> Figure | None:
+    """Per-module gradient norms, module x step, log colour: vanishing and exploding layers."""
+    norms = module_norms(run)
+    if not norms:
+        return None
+    order = {e["module"]: i for i, e in enumerate(structure_of(run))}
+    modules = sorted(norms, key=lambda m: (order.get(m, len(order)), natural_key(m)))
+    steps = sorted({s for values in norms.values() for s, _ in values})
+    stride = buckets(len(steps), MAX_HEAT_STEPS)
+    steps = steps[::stride]
+    shown = modules[:MAX_HEAT_MODULES]
+    z = []
+    for module in shown:
+        values = dict(norms[module])
+        z.append([_r(math.log10(values[s])) if values.get(s) else None for s in steps])
+    cut = []
+    if len(modules) > len(shown):
+        cut.append(f"first {len(shown)} of {len(modules)} modules")
+    if stride > 1:
+        cut.append(f"every {stride}th recorded step")
+    data = [
+        {
+            "type": "heatmap",
+            "x": steps,
+            "y": shown,
+            "z": z,
+            "colorscale": "Viridis",
+            "colorbar": {"title": {"text": "log10 norm"}},
+            "hovertemplate": "%{y}<br>step %{x}<br>log10 norm %{z:.2f}<extra></extra>",
+        }
+    ]
+    return {
+        "data": data,
+        "layout": _layout(
+            "Gradient norm per module and step (log colour)" + (f" ({'; '.join(cut)})" if cut else ""),
+            height=max(320, 16 * len(shown) + 140),
+            xaxis={"title": {"text": "step (sampled or with an event)"}},
+            yaxis={"autorange": "reversed", "automargin": True},
+        ),
+    }
+
+
+def flow_figure(run: RunData) -> Figure | None:
+    """Gradient flow: ||grad_output|| per module, from the input end to the output, per flow step."""
+    taken = [s for s in first_rank_lines(run) if s.get("output_grad_norms")][-MAX_FLOW_STEPS:]
+    if not taken:
+        return None
+    order = {e["module"]: i for i, e in enumerate(structure_of(run))}
+    data = []
+    for line in taken:
+        items = sorted(line["output_grad_norms"].items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0]))
+        data.append(
+            {
+                "type": "scatter",
+                "mode": "lines+markers",
+                "name": f"step {line['step']}",
+                "x": [k for k, _ in items],
+                "y": [_r(v) for _, v in items],
+            }
+        )
+    return {
+        "data": data,
+        "layout": _layout(
+            "Gradient flow: norm of each module's output gradient (log scale)",
+            yaxis={"type": "log", "title": {"text": "norm"}},
+            xaxis={"automargin": True},
+        ),
+    }
+
+
+def ranks_figure(run: RunData) -> Figure:
+    """Each rank's median step, stacked by phase: ranks side by side."""
+    rows = rank_breakdown(run)
+    names = [f"rank {r['rank']}" for r in rows]
+    data = []
+    for phase in PHASES:
+        if any(phase in r["phases"] for r in rows):
+            data.append(
+                {
+                    "type": "bar",
+                    "name": phase,
+                    "x": names,
+                    "y": [_r(r["phases"].get(phase, 0.0) * 1e3) for r in rows],
+                    "marker": {"color": PHASE_COLORS[phase]},
+                }
+            )
+    return {
+        "data": data,
+        "layout": _layout(
+            "Ranks side by side: median step by phase (ms)", barmode="stack", yaxis={"title": {"text": "ms"}}
+        ),
+    }
