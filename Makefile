@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PIN)
-	$(PY) -m pip install --quiet -e '.[dev,bench]' $(TORCH_PIN)
+	$(PY) -m pip install --quiet -e '.[dev,bench,report]' $(TORCH_PIN)
 	touch $(STAMP)
 
 install: $(STAMP)

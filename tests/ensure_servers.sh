@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Make sure the servers the test suite starts are installed, so that `make test` runs every test:
 # Prometheus (`prometheus`, `promtool`) and Alertmanager (`prometheus-alertmanager` or upstream's
-# `alertmanager`, and `amtool`). `make test` runs this first.
+# `alertmanager`, and `amtool`), and the headless browser that opens `hooktrace report --html`
+# (`chromium`, or `chromium-browser`). `make test` runs this first.
 #
 # Missing ones are installed from Debian's packages when this can (root, or passwordless sudo);
 # otherwise it prints one line naming what to install and exits 1.
@@ -39,17 +40,33 @@ check() { # sets `missing` to the Debian packages whose binaries are not found
   missing=()
   { found prometheus && found promtool; } || missing+=(prometheus)
   { found prometheus-alertmanager alertmanager && found amtool; } || missing+=(prometheus-alertmanager)
+  found chromium chromium-browser || missing+=(chromium)
 }
 check
 ((${#missing[@]})) || exit 0
 
-if ((${#missing[@]} == 2)); then names="${missing[0]} and ${missing[1]}"; else names=${missing[0]}; fi
+names=${missing[0]} # "a", "a and b", "a, b and c"
+for ((i = 1; i < ${#missing[@]}; i++)); do
+  if ((i == ${#missing[@]} - 1)); then names+=" and ${missing[i]}"; else names+=", ${missing[i]}"; fi
+done
+servers=0
+browser=0
+for package in "${missing[@]}"; do
+  if [[ $package == chromium ]]; then browser=1; else servers=1; fi
+done
 fail() {
   if command -v apt-get >/dev/null 2>&1; then
     echo "make test needs $names: sudo apt-get install ${missing[*]}" >&2
   else
-    echo "make test needs $names: install Prometheus and Alertmanager (https://prometheus.io/download/)" \
-      "and put prometheus, promtool, alertmanager and amtool on PATH" >&2
+    local how="" chromium="install Chromium and put chromium on PATH"
+    if ((servers)); then
+      how="install Prometheus and Alertmanager (https://prometheus.io/download/) and put prometheus, promtool,"
+      how+=" alertmanager and amtool on PATH"
+      ((browser)) && how+="; $chromium"
+    else
+      how=$chromium
+    fi
+    echo "make test needs $names: $how" >&2
   fi
   exit 1
 }
@@ -70,7 +87,14 @@ run() {
     "$@"
   fi
 }
-echo "make test: installing ${missing[*]} (the Prometheus and Alertmanager tests run them)" >&2
+if ((servers && browser)); then
+  why="the Prometheus, Alertmanager and HTML report tests run them"
+elif ((browser)); then
+  why="the HTML report tests open reports in it"
+else
+  why="the Prometheus and Alertmanager tests run them"
+fi
+echo "make test: installing ${missing[*]} ($why)" >&2
 run "${sudo[@]}" apt-get update -qq || fail
 run "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" ||
   fail

@@ -1,7 +1,8 @@
-"""tests/ensure_servers.sh, the step of `make test` that installs Prometheus and Alertmanager.
+"""tests/ensure_servers.sh, the step of `make test` that installs Prometheus, Alertmanager and Chromium.
 
 Each test runs the script with a PATH of fake `id`, `sudo` and `apt-get` commands and a binaries'
 lookup path that holds only what the test puts there, so nothing is installed or removed here.
+The fake machines have Chromium unless a test says otherwise (``browser=False``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,13 @@ def _executable(path: Path, body: str) -> None:
 
 
 def _machine(
-    tmp_path: Path, *, uid: int = 1000, sudo: bool | None = None, apt: bool = True, installed: tuple[str, ...] = ()
+    tmp_path: Path,
+    *,
+    uid: int = 1000,
+    sudo: bool | None = None,
+    apt: bool = True,
+    installed: tuple[str, ...] = (),
+    browser: bool = True,
 ) -> tuple[Path, Path]:
     """A fake machine: ``bin`` (PATH: id, env, maybe sudo, maybe apt-get) and ``servers`` (the lookup path).
 
@@ -46,10 +53,11 @@ for arg in "$@"; do
   case $arg in
     prometheus) : >{servers}/prometheus; : >{servers}/promtool; /bin/chmod +x {servers}/* ;;
     prometheus-alertmanager) : >{servers}/prometheus-alertmanager; : >{servers}/amtool; /bin/chmod +x {servers}/* ;;
+    chromium) : >{servers}/chromium; /bin/chmod +x {servers}/* ;;
   esac
 done""",
         )
-    for name in installed:
+    for name in (*installed, "chromium") if browser else installed:
         _executable(servers / name, "exit 0")
     return bin_dir, servers
 
@@ -137,6 +145,49 @@ def test_a_failed_install_ends_with_the_one_line(tmp_path: Path) -> None:
     result = _run(bin_dir, servers)
     assert result.returncode == 1
     assert result.stderr.splitlines()[-1] + "\n" == NEEDS_BOTH
+
+
+def test_a_missing_chromium_is_installed_for_the_html_report_tests(tmp_path: Path) -> None:
+    servers_installed = ("prometheus", "promtool", "prometheus-alertmanager", "amtool")
+    bin_dir, servers = _machine(tmp_path, uid=0, installed=servers_installed, browser=False)
+    result = _run(bin_dir, servers)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "make test: installing chromium (the HTML report tests open reports in it)\n"
+    assert (tmp_path / "apt.log").read_text().splitlines()[
+        -1
+    ] == "apt-get install -y -qq --no-install-recommends chromium"
+    assert _run(bin_dir, servers).stderr == ""
+
+
+def test_debian_or_ubuntu_chromium_names_count_as_installed(tmp_path: Path) -> None:
+    installed = ("prometheus", "promtool", "prometheus-alertmanager", "amtool", "chromium-browser")
+    bin_dir, servers = _machine(tmp_path, installed=installed, browser=False)
+    assert _run(bin_dir, servers).returncode == 0
+
+
+def test_all_three_missing_are_named_in_one_line(tmp_path: Path) -> None:
+    bin_dir, servers = _machine(tmp_path, browser=False)
+    result = _run(bin_dir, servers)
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == (
+        "make test needs prometheus, prometheus-alertmanager and chromium: "
+        "sudo apt-get install prometheus prometheus-alertmanager chromium\n"
+    )
+    (tmp_path / "b").mkdir()
+    bin_dir, servers = _machine(tmp_path / "b", uid=0, browser=False)
+    result = _run(bin_dir, servers, "--dry-run")
+    assert result.stdout.splitlines()[-1] == f"{APT} {BOTH} chromium"
+    assert "(the Prometheus, Alertmanager and HTML report tests run them)" in result.stderr
+
+
+def test_without_apt_get_a_missing_chromium_is_named_alone(tmp_path: Path) -> None:
+    servers_installed = ("prometheus", "promtool", "prometheus-alertmanager", "amtool")
+    bin_dir, servers = _machine(tmp_path, uid=0, apt=False, installed=servers_installed, browser=False)
+    result = _run(bin_dir, servers)
+    assert (result.returncode, result.stderr) == (
+        1,
+        "make test needs chromium: install Chromium and put chromium on PATH\n",
+    )
 
 
 def test_make_test_runs_the_install_step_before_pytest() -> None:
