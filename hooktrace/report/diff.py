@@ -167,7 +167,9 @@ def render_diff(diff: Diff, top: int = SHOWN_MODULES) -> str:
     lines += [f"Note: {note}" for note in diff.notes]
     if diff.fail_above is not None:
         if diff.failed:
-            names = ", ".join(f"{c.name} ({_pct(c)})" for c in diff.failed[:5])
+            modules = [c for c in diff.failed if c.kind == "module"]  # already ranked by change
+            ranked = [*modules[:3], *(c for c in diff.failed if c.kind != "module")]
+            names = ", ".join(f"{c.name} ({_pct(c)})" for c in ranked)
             lines.append(f"FAIL: {len(diff.failed)} slowed by more than {diff.fail_above:g}%: {names}")
         else:
             lines.append(f"OK: nothing slowed by more than {diff.fail_above:g}%")
