@@ -115,6 +115,7 @@ class StepTracker:
             weakref.WeakKeyDictionary()
         )
         """Optimizer -> (steps instrumented parameters, its group count, table size when checked)."""
+        self._last_name: tuple[Any, str] = (None, "")
         self._last_ours: tuple[Any, int, int] = (None, 0, 0)
         """(optimizer, groups, table size) of the last optimizer found ours (a strong reference
         for one step's time: an optimizer lives as long as its training anyway)."""
@@ -423,6 +424,9 @@ class StepTracker:
 
     # -- optimizer --------------------------------------------------------------------------------------------
     def is_ours(self, optimizer: torch.optim.Optimizer) -> bool:
+        last = self._last_ours
+        if last[0] is optimizer and last[1] == len(optimizer.param_groups) and last[2] == len(self.rec.table.infos):
+            return True  # the usual call: the optimizer of the previous step, unchanged
         try:
             return self._is_ours(optimizer)
         except Exception as exc:  # an unhashable optimizer subclass, odd param_groups: count it
@@ -434,9 +438,6 @@ class StepTracker:
         an optimizer of a model this agent does not watch must not end its steps. Checked once per
         optimizer, again when it gained parameter groups or the agent gained modules."""
         groups, size = len(optimizer.param_groups), len(self.rec.table.infos)
-        last = self._last_ours
-        if last[0] is optimizer and last[1] == groups and last[2] == size:
-            return True  # the usual call: the optimizer of the previous step, unchanged
         known = self._optimizers.get(optimizer)
         if known is not None and (known[0] or (known[1] == groups and known[2] == size)):
             return known[0]
@@ -453,9 +454,13 @@ class StepTracker:
 
     def name_of(self, optimizer: torch.optim.Optimizer) -> str:
         """``Adam#0``: the optimizer's class and its index among this run's optimizers."""
+        last = self._last_name
+        if last[0] is optimizer:
+            return last[1]  # the usual call: no weak reference made to look it up
         name = self._names.get(optimizer)
         if name is None:
             name = self._names[optimizer] = f"{type(optimizer).__name__}#{len(self._names)}"
+        self._last_name = (optimizer, name)
         return name
 
     def _optimizer_pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:

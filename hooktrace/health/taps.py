@@ -15,6 +15,7 @@ Training thread only. One ``_foreach_norm`` per reading; nothing waits for the d
 from __future__ import annotations
 
 import weakref
+from typing import Any
 
 import torch
 
@@ -33,6 +34,8 @@ class GradientTaps:
         self._shares: weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple[int, int, set[int] | None]] = (
             weakref.WeakKeyDictionary()
         )
+        self._last: tuple[Any, int, int, set[int] | None] = (None, 0, 0, None)
+        """(optimizer, groups, table size, positions) of the last lookup: one step's optimizer."""
 
     def after_backward(self) -> NormCapture | None:
         """End of a backward: read every gradient (unless a GradScaler will give unscaled ones)."""
@@ -61,11 +64,16 @@ class GradientTaps:
         """Positions of the parameters ``optimizer`` updates; None when it updates none of ours
         by identity (fp32 master copies): then it stands for the whole model."""
         groups = optimizer.param_groups
-        size = len(self.capture.table)
+        size = len(self.capture.table.infos)
+        last = self._last
+        if last[0] is optimizer and last[1] == len(groups) and last[2] == size:
+            return last[3]  # the usual call: the optimizer of the previous step, unchanged
         known = self._shares.get(optimizer)
         if known is not None and known[0] == len(groups) and known[1] == size:
+            self._last = (optimizer, known[0], known[1], known[2])
             return known[2]
         found = self.capture.positions_of(p for group in groups for p in group["params"])
         keep = found or None
         self._shares[optimizer] = (len(groups), size, keep)
+        self._last = (optimizer, len(groups), size, keep)
         return keep
