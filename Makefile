@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install demo test test-servers check lint typecheck bench gpu-check dashboards stack stack-down clean
+.PHONY: install demo test test-servers check lint typecheck bench scale-sim gpu-check dashboards stack stack-down clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,12 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_grad_norms.py
 	$(PY) benchmarks/bench_scrape.py
 	$(PY) benchmarks/bench_spans.py
+
+# 1,000 synthetic ranks scraped by a real Prometheus with the project's rules (README "Scale");
+# a few minutes. Smaller: make scale-sim SCALE_ARGS="--ranks 100 --duration 90".
+SCALE_ARGS ?=
+scale-sim: test-servers $(STAMP)
+	$(PY) benchmarks/scale_sim.py $(SCALE_ARGS)
 
 gpu-check: $(STAMP)
 	$(PY) benchmarks/gpu_check.py
