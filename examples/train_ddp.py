@@ -1,7 +1,8 @@
 """DistributedDataParallel on CPU (gloo): run with torchrun or `hooktrace run --nproc-per-node 2`.
 
 Plain PyTorch, no hooktrace import. Options make one rank slow in one module, register a user
-DDP communication hook, or crash one rank, for the distributed tests.
+DDP communication hook, crash one rank, or stay alive after training (for scrapes), for the
+distributed tests.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ def main() -> int:
     parser.add_argument("--comm-hook", action="store_true")
     parser.add_argument("--crash-rank", type=int, default=-1)
     parser.add_argument("--crash-at", type=int, default=5)
+    parser.add_argument("--sleep-after", type=float, default=0.0, help="keep the process alive (for scrapes)")
     args = parser.parse_args()
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -82,6 +84,7 @@ def main() -> int:
         print(f"rank {rank} comm hook calls {state['calls']}", flush=True)
     dist.barrier()  # every rank done with its collectives before the group goes away
     dist.destroy_process_group()
+    time.sleep(args.sleep_after)
     return 0
 
 
