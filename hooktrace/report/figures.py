@@ -129,12 +129,19 @@ def step_figure(run: RunData, rank: int) -> Figure:
             }
         )
     note = f" (mean of every {size} steps)" if size > 1 else ""
+    yaxis: dict[str, Any] = {"title": {"text": "ms"}}
+    durations = sorted(s["duration_s"] * 1e3 for s in lines)
+    if durations:
+        typical = durations[int(0.98 * (len(durations) - 1))]
+        if durations[-1] > 3 * typical > 0:  # a few huge steps would flatten the rest: zoom out to see them
+            yaxis["range"] = [0, _r(typical * 1.5)]
+            note += f"; y cut at {typical * 1.5:.3g} ms (double-click to see all, up to {durations[-1]:.3g} ms)"
     return {
         "data": data,
         "layout": _layout(
             f"Rank {rank}: step time by phase{note}; events marked",
             xaxis={"title": {"text": "step"}, "rangeslider": {"visible": len(xs) > 200}},
-            yaxis={"title": {"text": "ms"}},
+            yaxis=yaxis,
         ),
     }
 
@@ -202,31 +209,52 @@ def icicle_figure(run: RunData) -> Figure:
                 name = by_name[name].get("parent") or ""
         note = f" ({len(keep)} of {len(by_name)} modules: the slowest and their parents)"
     entries = [e for e in structure if e["module"] in keep]
-    values = [_r((times[e["module"]].both("self") if e["module"] in times else 0.0) * 1e3) for e in entries]
+    self_ms = [(times[e["module"]].both("self") if e["module"] in times else 0.0) * 1e3 for e in entries]
+    inclusive = _inclusive_ms(entries, times)
     data = [
         {
             "type": "icicle",
             "ids": [e["module"] for e in entries],
             "labels": [e["module"].rsplit(".", 1)[-1] + f" ({e['type']})" for e in entries],
             "parents": [e.get("parent") or "" for e in entries],
-            "values": values,
+            "values": [_r(v) for v in self_ms],
             "branchvalues": "remainder",
             "maxdepth": 5,
             "tiling": {"orientation": "v"},
             "marker": {
-                "colors": [_r(times[e["module"]].both() * 1e3) if e["module"] in times else 0 for e in entries],
+                "colors": [_r(v) for v in inclusive],
                 "colorscale": "YlOrRd",
+                "reversescale": True,  # plotly.js lists YlOrRd dark first: the slow modules in red
                 "showscale": True,
                 "colorbar": {"title": {"text": "ms with children"}},
             },
-            "hovertemplate": "%{id}<br>self %{value:.3f} ms, with children: %{customdata:.3f} ms<extra></extra>",
-            "customdata": [_r(times[e["module"]].both() * 1e3) if e["module"] in times else 0 for e in entries],
+            "customdata": [[_r(a), _r(b)] for a, b in zip(self_ms, inclusive, strict=True)],
+            "hovertemplate": "%{id}<br>self %{customdata[0]:.3f} ms<br>with children %{customdata[1]:.3f} ms"
+            "<extra></extra>",
         }
     ]
     return {
         "data": data,
         "layout": _layout(f"Module tree sized by time per step, forward + backward{note}; click to zoom", height=520),
     }
+
+
+def _inclusive_ms(entries: list[dict[str, Any]], times: dict[str, Any]) -> list[float]:
+    """Each module's time with its children; a container never called (ModuleList) sums its children."""
+    children: dict[str, list[str]] = {}
+    for entry in entries:
+        children.setdefault(entry.get("parent") or "", []).append(entry["module"])
+    memo: dict[str, float] = {}
+
+    def total(name: str) -> float:
+        if name not in memo:
+            timed = times.get(name)
+            memo[name] = timed.both() * 1e3 if timed is not None and timed.total_s else 0.0
+            if not memo[name]:
+                memo[name] = sum(total(child) for child in children.get(name, []))
+        return memo[name]
+
+    return [total(e["module"]) for e in entries]
 
 
 def grad_norm_figure(run: RunData) -> Figure:
