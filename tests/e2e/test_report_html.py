@@ -69,9 +69,7 @@ def _open(binary: str, page: Path, tmp_path: Path) -> tuple[str, Path, str]:
     dom = chromium(binary, page, "--dump-dom", "--window-size=1400,2000", profile=tmp_path / "profile-dom")
     assert dom.returncode == 0, dom.stderr[-3000:]
     shot = tmp_path / "report.png"
-    snap = chromium(
-        binary, page, f"--screenshot={shot}", "--window-size=1400,2000", profile=tmp_path / "profile-shot"
-    )
+    snap = chromium(binary, page, f"--screenshot={shot}", "--window-size=1400,2000", profile=tmp_path / "profile-shot")
     assert snap.returncode == 0 and shot.exists(), snap.stderr[-3000:]
     return dom.stdout, shot, dom.stderr + snap.stderr
 
