@@ -98,9 +98,7 @@ def test_tree_prints_names_and_extra_repr_like_print_model(run_dir: Path) -> Non
 def test_tree_puts_each_median_time_under_its_column(run_dir: Path) -> None:
     lines = _tree(run_dir)
     header = lines[0]
-    rows = {
-        (m["module"], m["phase"]): m for m in json.loads((run_dir / "summary.json").read_text())["modules"]
-    }
+    rows = {(m["module"], m["phase"]): m for m in json.loads((run_dir / "summary.json").read_text())["modules"]}
     for module, start in (("body.0", "(0): Linear"), ("body", "(body)"), ("embed", "(embed)")):
         line = _line(lines, start)
         for phase, column in (("forward", "fwd self/incl"), ("backward", "bwd self/incl")):
