@@ -142,6 +142,7 @@ def step_figure(run: RunData, rank: int) -> Figure:
             f"Rank {rank}: step time by phase{note}; events marked",
             xaxis={"title": {"text": "step"}, "rangeslider": {"visible": len(xs) > 200}},
             yaxis=yaxis,
+            legend={"orientation": "v", "x": 1.01, "y": 1},  # clear of the range slider
         ),
     }
 
@@ -201,12 +202,15 @@ def icicle_figure(run: RunData) -> Figure:
     keep = set(by_name)
     note = ""
     if len(keep) > MAX_TREE_MODULES:
-        ranked = sorted(by_name, key=lambda m: -(times[m].both() if m in times else 0.0))[:MAX_TREE_MODULES]
+        ranked = sorted(by_name, key=lambda m: -(times[m].both() if m in times else 0.0))
         keep = set()
         for name in ranked:
+            chain = []
             while name and name not in keep:
-                keep.add(name)
+                chain.append(name)
                 name = by_name[name].get("parent") or ""
+            if len(keep) + len(chain) <= MAX_TREE_MODULES:
+                keep.update(chain)
         note = f" ({len(keep)} of {len(by_name)} modules: the slowest and their parents)"
     entries = [e for e in structure if e["module"] in keep]
     self_ms = [(times[e["module"]].both("self") if e["module"] in times else 0.0) * 1e3 for e in entries]

@@ -1,0 +1,99 @@
+"""The HTML report's limits: a run of 10,000 steps and 1,000 modules stays under 10 MiB, is built in
+seconds and says what it left out; without Plotly the error is one line naming the fix."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+import time
+from typing import Any
+
+import pytest
+
+from hooktrace.report import figures
+from hooktrace.report.html import MAX_BYTES, build_html
+from hooktrace.report.load import ReportError, RunData
+
+STEPS = 10_000
+MODULES = 1_000
+
+
+def _big_run() -> RunData:
+    names = [f"layers.{i // 4}.{'abcd'[i % 4]}" for i in range(MODULES - 251)]
+    names = [*(f"layers.{i}" for i in range(250)), *names]
+    model = [{"module": "Big", "type": "Big", "parent": None, "key": "", "extra_repr": "", "trainable": 0, "frozen": 0}]
+    model += [{"module": "layers", "type": "ModuleList", "parent": "Big", "key": "layers", "extra_repr": ""}]
+    for name in names:
+        parent = name.rsplit(".", 1)[0]
+        model.append({"module": name, "type": "Linear", "parent": "Big" if parent == "layers.x" else parent,
+                      "key": name.rsplit(".", 1)[1], "extra_repr": "in_features=8, out_features=8, bias=True",
+                      "trainable": 72, "frozen": 0})  # fmt: skip
+    modules = [
+        {"module": name, "phase": phase, "rank": 0, "total_s": 1e-5 * (i % 37 + 1), "self_s": 1e-6 * (i % 37 + 1),
+         "calls_per_step": 1.0, "module_type": "Linear"}
+        for i, name in enumerate(names) for phase in ("forward", "backward")
+    ]  # fmt: skip
+    lines: list[dict[str, Any]] = []
+    for step in range(1, STEPS + 1):
+        line: dict[str, Any] = {
+            "step": step, "rank": 0, "duration_s": 0.01 + 0.001 * math.sin(step), "sampled": step % 10 == 1,
+            "phases": {"data": 0.001, "forward": 0.003, "backward": 0.004, "optimizer": 0.001},
+            "grad_norm": 1.0 + 0.1 * math.cos(step), "grad_norm_ratio": 1.0, "events": [],
+        }  # fmt: skip
+        if step % 10 == 1:
+            line["module_grad_norms"] = {name: 0.5 + (i % 13) for i, name in enumerate(names)}
+        if step % 500 == 0:
+            line["events"] = [{"kind": "grad_spike", "module": "__total__", "phase": "backward", "value": 50.0}]
+            line["output_grad_norms"] = {name: 0.1 * (i + 1) for i, name in enumerate(names[:50])}
+        lines.append(line)
+    summary = {
+        "run_id": "big", "world_size": 1, "steps": STEPS, "device": "cpu", "modules": modules, "model": model,
+        "ranks": [{"rank": 0, "step_time_s": 0.01, "phases": {"forward": 0.003}, "overhead_ratio": 0.01}],
+        "never_called": names[-3:], "backward_skipped": [{"module": names[0], "reason": "inplace=True"}],
+        "config": {"explode_factor": 10.0},
+    }  # fmt: skip
+    return RunData(run_dir="/nonexistent/big", summary=summary, steps={0: lines}, modules=modules)
+
+
+def test_ten_thousand_steps_and_a_thousand_modules_fit_the_budget_and_say_what_was_cut() -> None:
+    run = _big_run()
+    started = time.monotonic()
+    page = build_html(run)
+    took = time.monotonic() - started
+    assert took < 20, f"built in {took:.1f} s"
+    assert len(page.encode()) <= MAX_BYTES
+    data = json.loads(re.search(r"id='hooktrace-figures'>(.*?)</script>", page, re.S).group(1))  # type: ignore[union-attr]
+    steps = data["steps-rank0"]["data"]
+    assert all(len(trace["x"]) <= figures.MAX_POINTS for trace in steps)
+    assert "mean of every 5 steps" in data["steps-rank0"]["layout"]["title"]["text"]
+    assert [t["name"] for t in steps if t["mode"] == "markers"] == ["grad_spike"]  # events kept, not averaged
+    heat = data["grad-heatmap"]["data"][0]
+    assert len(heat["y"]) == figures.MAX_HEAT_MODULES and len(heat["x"]) <= figures.MAX_HEAT_STEPS
+    assert (
+        f"first {figures.MAX_HEAT_MODULES} of {MODULES - 1} modules" in data["grad-heatmap"]["layout"]["title"]["text"]
+    )
+    assert len(data["module-tree"]["data"][0]["ids"]) <= figures.MAX_TREE_MODULES
+    assert "the slowest and their parents" in data["module-tree"]["layout"]["title"]["text"]
+    norm = data["grad-norm"]["data"]
+    assert len(norm[0]["x"]) <= figures.MAX_POINTS and "(max per bucket)" in norm[0]["name"]
+    assert "inplace=True" in page and "Never called</b> (3)" in page
+
+
+def test_the_heatmap_is_a_log_scale_of_the_norms() -> None:
+    run = _big_run()
+    heat = figures.heatmap_figure(run)
+    assert heat is not None
+    row = heat["data"][0]["z"][0]
+    name = heat["data"][0]["y"][0]
+    first = run.steps[0][0]["module_grad_norms"][name]
+    assert row[0] == pytest.approx(math.log10(first), rel=1e-5)
+
+
+def test_without_plotly_the_error_is_one_line_naming_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "plotly.offline", None)
+    with pytest.raises(ReportError) as info:
+        build_html(_big_run())
+    message = str(info.value)
+    assert "\n" not in message and "pip install 'hooktrace[report]'" in message
