@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hooktrace._aggregate.memory_stats import StaticMemory
 from hooktrace._aggregate.process import StepProcessor
 from hooktrace._aggregate.snapshot import RankInfo
 from hooktrace._aggregate.stats import RankStats
@@ -43,8 +44,9 @@ from hooktrace.health.replay import ForwardReplay, can_replay
 from hooktrace.health.reporting import SpikeReporter
 from hooktrace.health.step_health import StepGradients
 from hooktrace.health.taps import GradientTaps
+from hooktrace.slowest_rank import SlowestRank
 from hooktrace.summary import RunSummary
-from hooktrace.summary_builder import build_summary, model_structure, slowest_rank, write_summary
+from hooktrace.summary_builder import build_summary, model_structure, write_summary
 
 _LIVE: weakref.WeakKeyDictionary[nn.Module, Agent] = weakref.WeakKeyDictionary()
 """Root module -> the live agent watching it, so attaching twice returns the same agent."""
@@ -117,8 +119,13 @@ class Agent:
         self.notes: list[str] = []
         self._wall_offset_ns = time.time_ns() - time.perf_counter_ns()
         self.recorder = Recorder(
-            depth=cfg.depth, max_modules=cfg.max_modules, backward=cfg.backward, on_fatal=self._fatal
+            depth=cfg.depth,
+            max_modules=cfg.max_modules,
+            backward=cfg.backward,
+            on_fatal=self._fatal,
+            memory=cfg.memory == "on",
         )
+        self.static_memory = StaticMemory(self.recorder.table) if self.recorder.memory is not None else None
         self.capture = GradNormCapture(self.recorder.table)
         self.taps = GradientTaps(self.capture)
         watch_params = {clean_name(w) for w in cfg.watch}  # as the module table names them (no "module.")
@@ -135,8 +142,8 @@ class Agent:
             sample_every=cfg.sample_every,
             flow_every=cfg.flow_every,
             on_step=self._on_step,
-            on_optimizer=self.gradients.on_optimizer,
-            on_backward_end=self.gradients.on_backward_end,
+            on_optimizer=self.gradients.on_optimizer if self.static_memory is None else self._on_optimizer,
+            on_backward_end=self.gradients.on_backward_end if self.static_memory is None else self._on_backward_end,
             on_sampling=self._on_sampling,
         )
         self._unscale_handle: UnscaleHandle | None = None
@@ -152,6 +159,7 @@ class Agent:
             device="cpu",
         )
         self.stats = RankStats(self.info)
+        self.stats.memory.static = self.static_memory
         self.reporter = SpikeReporter(warn_spikes=cfg.on_explosion == "warn")
         self.exporters: list[Exporter] = self._make_exporters()
         self.worker = Worker(
@@ -162,6 +170,7 @@ class Agent:
                 rank=self.info.rank,
                 wall_offset_ns=self._wall_offset_ns,
                 trace_id=self.trace_id,
+                saved=self.recorder.memory,
             ),
             self.stats,
             self.exporters,
@@ -170,6 +179,9 @@ class Agent:
             on_checkpoint=self._checkpoint if cfg.write_files else None,
         )
         self._started = False
+        self._slowest = SlowestRank(
+            self.info.run_id, self.placement.restart_count, self.info.rank, self.info.world_size
+        )
         self._allreduce_timer: AllReduceTimer | None = None
         self.model_structure: list[dict[str, Any]] = []
         """Written into the summary for ``hooktrace report --tree``; rebuilt when a root is adopted."""
@@ -267,9 +279,10 @@ class Agent:
     def _checkpoint(self) -> None:
         """Worker thread: rewrite this rank's summary with what is aggregated so far (and the
         merged summary.json in a single-process run; ranks merge once, at close)."""
-        write_summary(self.out_dir, build_summary(self), merge=self.info.world_size == 1)
-        if self.info.world_size > 1:
-            slowest = slowest_rank(self.out_dir)  # for --trace-ranks auto beyond 8 ranks
+        summary = build_summary(self)
+        write_summary(self.out_dir, summary, merge=self.info.world_size == 1)
+        if self.info.world_size > 1:  # for --trace-ranks / --module-metrics-ranks auto beyond 8 ranks
+            slowest = self._slowest.learn(summary.ranks[0] if summary.ranks else None, self.out_dir)
             for exporter in self.exporters:
                 if hasattr(exporter, "slowest_rank"):
                     exporter.slowest_rank = slowest
@@ -422,7 +435,29 @@ class Agent:
             else:
                 self.discovery.disable()
 
+    def _on_optimizer(self, buf: StepBuffer, optimizer: torch.optim.Optimizer, name: str) -> None:
+        """``--memory on``: remember the optimizer (its state's bytes are read on the worker)."""
+        if self.static_memory is not None:
+            self.static_memory.saw(optimizer)
+        self.gradients.on_optimizer(buf, optimizer, name)
+
+    def _on_backward_end(self, buf: StepBuffer, optimizer: torch.optim.Optimizer | None, name: str) -> None:
+        """``--memory on`` on CUDA: the allocator's peaks up to the end of backward."""
+        memory = self.recorder.memory
+        if memory is not None and memory.cuda is not None:
+            try:
+                memory.cuda.phase_end(buf.cuda_memory, "backward")
+            except Exception as exc:
+                self.recorder.hook_error(exc)
+        self.gradients.on_backward_end(buf, optimizer, name)
+
     def _on_step(self, buf: StepBuffer) -> None:
+        memory = self.recorder.memory
+        if memory is not None and memory.cuda is not None:
+            try:
+                memory.cuda.phase_end(buf.cuda_memory, "optimizer")  # after backward: the update
+            except Exception as exc:
+                self.recorder.hook_error(exc)
         self.gradients.finish(buf, self.tracker.optimizer_seen)
         if buf.clock is not None and buf.clock.kind == "cuda":
             # the gradient-flow and output norms start their way to the host here, on the stream
@@ -437,6 +472,8 @@ class Agent:
         self.stats.hook_errors = self.recorder.hook_errors
         self.stats.module_labels = len(self.recorder.table.labels)
         self.stats.modules_truncated = self.recorder.table.truncated
+        if self.recorder.memory is not None and self.recorder.memory.cuda is not None:
+            self.stats.memory.device_total = self.recorder.memory.cuda.total
         for event in record.events:
             if event.kind == "nonfinite" and event.phase == "unknown":
                 self.recorder.hunt = HUNT_STEPS  # sample the next steps deeply to find the source
