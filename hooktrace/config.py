@@ -21,11 +21,13 @@ from hooktrace.errors import ConfigError
 BackwardMode = Literal["auto", "full", "off"]
 ExplosionAction = Literal["warn", "clip", "raise"]
 NonFiniteAction = Literal["warn", "raise"]
+MemoryMode = Literal["on", "off"]
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "backward": ("auto", "full", "off"),
     "on_explosion": ("warn", "clip", "raise"),
     "on_nonfinite": ("warn", "raise"),
+    "memory": ("on", "off"),
 }
 
 
@@ -76,6 +78,9 @@ class Config:
     """What to do on a spike: warn, clip the offending tensors, or raise."""
     on_nonfinite: NonFiniteAction = "warn"
     """What to do on a NaN/Inf gradient: warn or raise."""
+    memory: MemoryMode = "on"
+    """Activation memory: bytes saved for backward per module on sampled steps (``saved_tensors_hooks``),
+    parameter, gradient and optimizer-state bytes, and on CUDA the allocator's peaks per phase."""
     watch: tuple[str, ...] = ()
     """Module or parameter names (``get_submodule``/``get_parameter``) kept in full detail always."""
     trace_ranks: str = "auto"
@@ -96,6 +101,8 @@ class Config:
 
     def __post_init__(self) -> None:
         self.watch = tuple(self.watch)
+        if isinstance(self.memory, bool):
+            self.memory = "on" if self.memory else "off"
         for name in ("sample_every", "depth", "max_modules", "queue_size", "max_trace_events"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -194,4 +201,4 @@ def _parse(name: str, raw: str) -> Any:
     return raw
 
 
-__all__ = ["BackwardMode", "Config", "ExplosionAction", "NonFiniteAction"]
+__all__ = ["BackwardMode", "Config", "ExplosionAction", "MemoryMode", "NonFiniteAction"]

@@ -51,6 +51,9 @@ HOOKTRACE_ON_EXPLOSION = "HOOKTRACE_ON_EXPLOSION"
 HOOKTRACE_ON_NONFINITE = "HOOKTRACE_ON_NONFINITE"
 """warn or raise. Default: warn."""
 
+HOOKTRACE_MEMORY = "HOOKTRACE_MEMORY"
+"""Activation memory per module on sampled steps, and memory totals: on or off. Default: on."""
+
 HOOKTRACE_WATCH = "HOOKTRACE_WATCH"
 """Comma-separated module/parameter names always kept in full detail. Default: none."""
 
@@ -87,6 +90,7 @@ CONFIG_ENV: dict[str, str] = {
     "explode_factor": HOOKTRACE_EXPLODE_FACTOR,
     "on_explosion": HOOKTRACE_ON_EXPLOSION,
     "on_nonfinite": HOOKTRACE_ON_NONFINITE,
+    "memory": HOOKTRACE_MEMORY,
     "watch": HOOKTRACE_WATCH,
     "trace_ranks": HOOKTRACE_TRACE_RANKS,
     "module_metrics_ranks": HOOKTRACE_MODULE_METRICS_RANKS,

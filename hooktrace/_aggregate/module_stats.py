@@ -100,6 +100,22 @@ class ModuleStats:
     label_ns: int = 0
     """Steady-state time this module adds to its metric label: 0 while an ancestor stands for it."""
     label_calls: int = 0
+    activation: Ring | None = None
+    """Forward-kind phases with ``--memory on``: inclusive bytes saved for backward per steady step."""
+    self_activation: Ring | None = None
+    activation_last: tuple[int, int] | None = None
+    """(inclusive, self) bytes of the latest measured step, whatever its kind."""
+    activation_max: int = 0
+
+    def observe_bytes(self, kind: str, inclusive: int, own: int) -> None:
+        """Fold one step's activation bytes in (medians over steady steps, like times)."""
+        self.activation_last = (inclusive, own)
+        self.activation_max = max(self.activation_max, inclusive)
+        if kind == STEADY:
+            if self.activation is None or self.self_activation is None:
+                self.activation, self.self_activation = Ring(), Ring()
+            self.activation.append(inclusive)
+            self.self_activation.append(own)
 
     def observe(self, kind: str, total_ns: int, self_ns: int, calls: int, stands_for_label: bool) -> None:
         """Fold one step's figures in; ``stands_for_label`` is False when an ancestor covers the label."""
@@ -123,7 +139,7 @@ class ModuleStats:
         """A ``summary.json`` ``modules`` row (DESIGN §7); medians are None without a steady step."""
         total = self.totals.quantile(0.5, 1e-9)
         own = self.selfs.quantile(0.5, 1e-9)
-        return {
+        row: dict[str, Any] = {
             "module": self.module,
             "module_type": self.module_type,
             "phase": self.phase,
@@ -143,6 +159,16 @@ class ModuleStats:
             "compile_self_s": self.compile_self_ns / 1e9,
             "compile_steps": self.compile_steps,
         }
+        if self.activation_last is not None:
+            # the steady median when there is one, else the latest measured step (bytes have no warm-up)
+            inclusive, own_bytes = self.activation_last
+            if self.activation is not None and self.self_activation is not None:
+                inclusive = int(self.activation.quantile(0.5) or 0)
+                own_bytes = int(self.self_activation.quantile(0.5) or 0)
+            row["activation_bytes"] = inclusive
+            row["self_activation_bytes"] = own_bytes
+            row["activation_bytes_max"] = self.activation_max
+        return row
 
 
 def row_order(row: dict[str, Any]) -> tuple[bool, float, float]:
@@ -197,8 +223,12 @@ class ModuleTimes:
             entry[1] += span.self_ns
             entry[2] += 1
         hidden = covered(record.spans) if kind == STEADY else set()
+        measured = record.activation_bytes is not None
         for key, (total_ns, self_ns, calls) in per_step.items():
-            self.stats[key].observe(kind, total_ns, self_ns, calls, key not in hidden)
+            stats = self.stats[key]
+            stats.observe(kind, total_ns, self_ns, calls, key not in hidden)
+            if measured and key[1] != "backward":  # no saves counted for a call: it kept nothing
+                stats.observe_bytes(kind, *record.module_bytes.get(key, (0, 0)))
 
     def label_durations(self) -> dict[tuple[str, str], tuple[float, int]]:
         """(label, phase) -> (seconds, calls) over steady steps: each label counts the modules that

@@ -5,9 +5,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+from hooktrace._aggregate.memory import StepMemory, annotate_spans, step_memory
 from hooktrace._aggregate.step_record import ModuleSpan, StepEvent, StepRecord
 from hooktrace._aggregate.timeline import module_intervals, phase_durations, phase_intervals
 from hooktrace._record.buffer import M_AR_END, M_BWD, M_BWD_END, StepBuffer
+from hooktrace._record.memory import SavedTensors
 from hooktrace._record.module_table import ModuleTable
 from hooktrace.health.monitor import GradHealth, Verdict, nonfinite_source, resolve_pairs, total_series
 from hooktrace.health.norms import GradNormCapture, merge_captures, resolve_norms
@@ -25,6 +27,7 @@ class StepProcessor:
         rank: int,
         wall_offset_ns: int,
         trace_id: Callable[[int], str] | None = None,
+        saved: SavedTensors | None = None,
     ) -> None:
         self.table = table
         self.capture = capture
@@ -32,6 +35,8 @@ class StepProcessor:
         self.rank = rank
         self.wall_offset_ns = wall_offset_ns
         self.trace_id = trace_id
+        self.saved = saved
+        """The recorder's saved-tensor counting (``--memory on``), else None."""
 
     def process(self, buf: StepBuffer) -> StepRecord:
         if buf.comm_stamps and buf.clock is not None and buf.anchor is not None:
@@ -41,7 +46,8 @@ class StepProcessor:
             buf.marks.extend((M_AR_END, t) for t in done)
         start = buf.start_ns or (buf.marks[0][1] if buf.marks else buf.end_ns)
         end = max(buf.end_ns, start)
-        spans = self._spans(buf) if buf.events else []
+        memory = step_memory(buf, self.table.infos) if self.saved is not None and buf.sampled else None
+        spans = self._spans(buf, memory) if buf.events else []
         if buf.number == 1 and spans:
             spans = [span for span in spans if span.start_ns >= start]  # eval calls before training began
         marks = buf.marks
@@ -65,7 +71,13 @@ class StepProcessor:
             closure=buf.closure,
             overhead_s=buf.overhead_ns / 1e9,
             spans=spans,
+            cuda_memory=buf.cuda_memory,
         )
+        if memory is not None:
+            record.activation_bytes = memory.total
+            record.module_bytes = memory.modules
+            record.label_bytes = memory.labels
+            record.unmeasured_saves = memory.unmeasured
         self._gradients(buf, record)
         if buf.skipped:
             record.events.append(StepEvent("amp_skip", "__total__", "optimizer"))
@@ -77,7 +89,7 @@ class StepProcessor:
             record.trace_id = self.trace_id(buf.number)
         return record
 
-    def _spans(self, buf: StepBuffer) -> list[ModuleSpan]:
+    def _spans(self, buf: StepBuffer, memory: StepMemory | None = None) -> list[ModuleSpan]:
         clock = buf.clock
         stamps = [event[3] for event in buf.events]
         if clock is None or buf.anchor is None:
@@ -106,6 +118,8 @@ class StepProcessor:
                     parent=info.parent,
                 )
             )
+        if memory is not None and self.saved is not None:
+            annotate_spans(spans, events, memory, self.saved.skip_modules)
         return spans
 
     def _gradients(self, buf: StepBuffer, record: StepRecord) -> None:

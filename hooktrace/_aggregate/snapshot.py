@@ -117,3 +117,8 @@ class MetricsSnapshot:
     """Distinct module label values in use (capped at ``--max-modules``)."""
     modules_truncated: int = 0
     """Modules folded into ``__other__`` because of ``--max-modules``."""
+    module_activation_bytes: dict[str, int] = field(default_factory=dict)
+    """module label -> bytes saved for backward in the last sampled step (``--memory on``)."""
+    memory_bytes: dict[str, int] = field(default_factory=dict)
+    """kind -> bytes: parameters, gradients, optimizer_state, activations (+ CUDA allocated_peak,
+    reserved, device_total)."""

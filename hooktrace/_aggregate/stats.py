@@ -13,6 +13,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from hooktrace._aggregate.memory_stats import MemoryStats
 from hooktrace._aggregate.module_stats import ModuleTimes
 from hooktrace._aggregate.snapshot import (
     MODULE_TYPE_BUCKETS,
@@ -67,6 +68,7 @@ class RankStats:
     train_time_s: float = 0.0
     module_labels: int = 0
     modules_truncated: int = 0
+    memory: MemoryStats = field(default_factory=MemoryStats)
 
     def __post_init__(self) -> None:
         for phase in PHASES:
@@ -84,6 +86,7 @@ class RankStats:
         if record.optimizer:
             self.optimizer_steps.update(record.optimizer.split(","))
         self.micro_batches += record.micro_batches
+        self.memory.add(record)
         duration = record.duration_s
         self.train_time_s += duration
         self.overhead_s += record.overhead_s
@@ -160,6 +163,8 @@ class RankStats:
             overhead_seconds_total=self.overhead_s,
             module_labels=self.module_labels,
             modules_truncated=self.modules_truncated,
+            module_activation_bytes=dict(self.memory.label_bytes),
+            memory_bytes=self.memory.gauges(),
         )
 
     def rank_summary(self) -> dict[str, Any]:
@@ -187,6 +192,7 @@ class RankStats:
             "hook_errors": self.hook_errors,
             "dropped": dict(self.dropped),
             "event_counts": dict(self.event_counts),
+            "memory": self.memory.summary(self.info.device),
         }
 
     def module_rows(self) -> list[dict[str, Any]]:

@@ -28,6 +28,13 @@ class ModuleSpan:
     depth: int
     parent: int
     """Module index of the parent module (-1 for a root)."""
+    activation_bytes: int | None = None
+    """Forward-kind spans with ``--memory on``: bytes of the tensors this call and its children
+    saved for backward (parameters excluded, each storage once); None when not measured."""
+    self_activation_bytes: int | None = None
+    """The part of ``activation_bytes`` that no child saved."""
+    allocated_delta: int | None = None
+    """CUDA: the allocator's allocated bytes after the call minus before it."""
 
 
 @dataclass(slots=True)
@@ -90,6 +97,17 @@ class StepRecord:
     """The run ended inside this step (no optimizer step, no backward boundary): not a step."""
     compiled: bool = False
     """torch.compile compiled a graph during this step: its times are not steady state."""
+    activation_bytes: int | None = None
+    """Sampled steps with ``--memory on``: bytes saved for backward by the module calls of the
+    step's largest forward-backward (``_aggregate/memory.py``)."""
+    module_bytes: dict[tuple[int, str], tuple[int, int]] = field(default_factory=dict)
+    """(module index, phase) -> (inclusive, self) activation bytes in this step."""
+    label_bytes: dict[str, int] = field(default_factory=dict)
+    """Metric label -> activation bytes of the training forward calls it stands for."""
+    cuda_memory: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """CUDA: phase -> (allocated peak, reserved peak) bytes, from the allocator's counters."""
+    unmeasured_saves: int = 0
+    """Saved tensors whose storage could not be read (tensor subclasses without storage)."""
 
     @property
     def duration_s(self) -> float:
@@ -132,4 +150,11 @@ class StepRecord:
             out["skipped"] = True
         if self.trace_id:
             out["trace_id"] = self.trace_id
+        if self.activation_bytes is not None:
+            out["activation_bytes"] = self.activation_bytes
+        if self.cuda_memory:
+            out["memory"] = {
+                phase: {"allocated_peak": peak, "reserved_peak": reserved}
+                for phase, (peak, reserved) in self.cuda_memory.items()
+            }
         return out

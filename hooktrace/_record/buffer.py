@@ -106,6 +106,13 @@ class StepBuffer:
     """Module where a forward replay saw the first NaN/Inf made (health/replay.py)."""
     nonfinite_input: int | None = None
     """Root whose input (the batch) already held a NaN, found by a forward replay."""
+    saved_calls: list[Any] = field(default_factory=list)
+    """Sampled steps: ``[module, call, kind, parent position, len(marks) then, [(storage address,
+    bytes), ...], CUDA allocated delta]`` per module call whose saves were counted (_record/memory.py)."""
+    saved_params: frozenset[int] = frozenset()
+    """Sampled steps: storage addresses of the parameters and buffers (their saves are not activations)."""
+    cuda_memory: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """CUDA: phase -> (allocated peak, reserved peak) in bytes, read from the allocator's counters."""
     grad_present: list[int] = field(default_factory=list)
     """Positions (in the parameter list) of the parameters whose norms the step's verdict read
     (set when ``captures`` are merged, see ``health.norms.merge_captures``)."""

@@ -125,6 +125,9 @@ def make_forward_hooks(rec: Recorder, index: int, tensor_backward: bool) -> tupl
                     for arg in args:
                         if isinstance(arg, _Tensor) and arg.requires_grad:
                             watch_tensor(rec, buf, arg, BWD_END, index, call)
+            memory = rec.memory
+            if memory is not None and kind != FWD_EVAL and buf.sampled:
+                memory.enter(buf, index, call, kind)  # bytes saved for backward (sampled steps)
             events.append((kind, index, call, rec.stamp()))
         except Exception as exc:  # never reaches training
             rec.hook_error(exc)
@@ -138,10 +141,15 @@ def make_forward_hooks(rec: Recorder, index: int, tensor_backward: bool) -> tupl
         buf = rec.buf
         try:
             events = buf.events
+            memory = rec.memory
             if len(events) >= MAX_EVENTS_PER_STEP:
                 buf.dropped_events += 1
+                if memory is not None and memory.depth:
+                    memory.exit(buf, index)
                 return None
             events.append((FWD_END, index, 0, rec.stamp()))
+            if memory is not None and memory.depth:
+                memory.exit(buf, index)  # after the stamp: the pop is not the module's time
             if not (_grad_enabled() and _graph_task_id() == -1):
                 return None  # eval and checkpoint-recompute calls: timing only
             if rec.preflight is not None:

@@ -28,6 +28,7 @@ from hooktrace._record.hooks import (
     make_full_backward_hooks,
     register_module_hooks,
 )
+from hooktrace._record.memory import CudaMemory, SavedTensors, storage_keys
 from hooktrace._record.module_table import ModuleTable
 from hooktrace._record.pickling import exclude_from_pickles
 from hooktrace._record.preflight import Preflight
@@ -57,7 +58,9 @@ def always() -> bool:
 class Recorder:
     """Owns the module table, the per-module hooks and the current step buffer."""
 
-    def __init__(self, *, depth: int, max_modules: int, backward: str, on_fatal: Callable[[], None]) -> None:
+    def __init__(
+        self, *, depth: int, max_modules: int, backward: str, on_fatal: Callable[[], None], memory: bool = False
+    ) -> None:
         self.table = ModuleTable(depth, max_modules)
         self.modules: list[nn.Module] = []
         self.backward = backward
@@ -96,6 +99,8 @@ class Recorder:
         self._modules_changed = False
         self._refreshes = 0
         self._registration_hook: RemovableHandle | None = None
+        self.memory: SavedTensors | None = SavedTensors() if memory else None
+        """Bytes saved for backward per sampled module call (``--memory on``); None when off."""
 
     # -- hot path -------------------------------------------------------------------------------
     def on_node_grad(self, targets: list[tuple[int, int, int]], output_nr: int, grad_outputs: Any) -> None:
@@ -205,12 +210,18 @@ class Recorder:
             self._full_hooks.append(make_full_backward_hooks(self, index))
             if self.backward == "full" and getattr(module, "inplace", False) is True:
                 self.full_skipped[index] = "inplace=True"
+            if self.memory is not None and type(module).__name__ == "OptimizedModule":
+                self.memory.skip_modules.add(index)  # its saves are Dynamo's graph's, not a module's
         return added
 
     def set_device_clock(self, clock: Clock) -> None:
         self.clock = clock
         self.stamp = clock.stamp
         if clock.kind == "cuda":
+            if self.memory is not None and self.memory.cuda is None:
+                device = torch.cuda.current_device()
+                self.memory.cuda = CudaMemory(device)
+                self.memory.cuda.reset(device)  # the first step's peaks start here, not at start-up
             capturing = torch.cuda.is_current_stream_capturing
             is_compiling = torch.compiler.is_compiling
             self.skip = lambda: is_compiling() or capturing()
@@ -233,6 +244,12 @@ class Recorder:
     def activate(self, exclude: set[int]) -> int:
         """Register per-module hooks for a sampled step; returns the time it took (ns)."""
         start = time.perf_counter_ns()
+        if self.memory is not None:
+            self.memory.unwind()  # pairs a KeyboardInterrupt left pushed
+            table = self.table
+            tensors: list[torch.Tensor] = [p for info in table.infos for _, p in info.params]
+            tensors += [b for info in table.infos for _, b in info.buffers]
+            self.buf.saved_params = storage_keys(tensors)
         for index in range(len(self.modules)):
             if index not in exclude and index not in self._active:
                 self._register(index)
@@ -241,6 +258,8 @@ class Recorder:
     def deactivate(self) -> int:
         """Remove the per-module hooks of a sampled step (pinned modules keep theirs)."""
         start = time.perf_counter_ns()
+        if self.memory is not None and self.memory.depth:
+            self.memory.unwind()
         for index in [i for i in self._active if i not in self._pinned]:
             self._active.pop(index).remove()
         return time.perf_counter_ns() - start
@@ -265,6 +284,8 @@ class Recorder:
         if self._registration_hook is not None:
             self._registration_hook.remove()
             self._registration_hook = None
+        if self.memory is not None and self.memory.depth:
+            self.memory.unwind()
         for hooks in self._active.values():
             hooks.remove()
         self._active.clear()

@@ -31,6 +31,13 @@ CONFIG_OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ("--explode-factor", {"type": float, "help": "Spike = norm > X x rolling median [10]."}),
     ("--on-explosion", {"type": click.Choice(["warn", "clip", "raise"]), "help": "On a spike [warn]."}),
     ("--on-nonfinite", {"type": click.Choice(["warn", "raise"]), "help": "On NaN/Inf gradients [warn]."}),
+    (
+        "--memory",
+        {
+            "type": click.Choice(["on", "off"]),
+            "help": "Activation bytes per module (sampled steps), memory totals [on].",
+        },
+    ),
     ("--watch", {"type": str, "multiple": True, "help": "Module/parameter name kept in full detail (repeatable)."}),
     (
         "--trace-ranks",

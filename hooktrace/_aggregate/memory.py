@@ -1,0 +1,123 @@
+"""Activation bytes of a sampled step, from the storages each module call saved (worker thread).
+
+A call's saves are ``(storage address, bytes)`` pairs (``_record/memory.py``). Here, per call:
+
+- own: its saves, parameters and buffers left out, each storage once (a view counts its storage);
+- inclusive: the union of its own and its subtree's storages (a tensor saved by two children
+  counts once in the parent);
+- self: its own storages that no child saved.
+
+Saved tensors live until their backward, so the figures of one step are grouped by forward-backward:
+the calls between two backward starts are alive together. A module's figure in a step is its
+union over its calls in one such group (a module called twice keeps both calls' tensors), the
+largest over the groups (micro-batches do not add up: each backward frees its forward's).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from hooktrace._aggregate.step_record import ModuleSpan
+from hooktrace._record.buffer import FORWARD_KIND_PHASE, FWD_TRAIN, M_BWD, StepBuffer
+from hooktrace._record.memory import UNMEASURED
+from hooktrace._record.module_table import ModuleInfo
+
+_Storages = dict[int, int]
+"""storage address -> bytes"""
+
+
+@dataclass(slots=True)
+class StepMemory:
+    """The activation figures of one sampled step."""
+
+    calls: dict[tuple[int, int], tuple[int, int, int | None]] = field(default_factory=dict)
+    """(module, call) -> (inclusive bytes, self bytes, CUDA allocated delta or None)."""
+    modules: dict[tuple[int, str], tuple[int, int]] = field(default_factory=dict)
+    """(module, phase) -> (inclusive, self) bytes in the step (see the module doc)."""
+    labels: dict[str, int] = field(default_factory=dict)
+    """metric label -> inclusive bytes of the training forward calls the label stands for."""
+    total: int = 0
+    """Bytes saved for backward by the step's module calls (largest forward-backward)."""
+    unmeasured: int = 0
+    """Saves whose storage could not be read (tensor subclasses without storage)."""
+
+
+def _size(storages: _Storages) -> int:
+    return sum(storages.values())
+
+
+def step_memory(buf: StepBuffer, infos: list[ModuleInfo]) -> StepMemory:
+    """Inclusive and self bytes of every counted call of ``buf``, and their sums per module and label."""
+    out = StepMemory()
+    calls = buf.saved_calls
+    params = buf.saved_params
+    own: list[_Storages] = []
+    for record in calls:
+        kept: _Storages = {}
+        for key, nbytes in record[5]:
+            if nbytes == UNMEASURED:
+                out.unmeasured += 1
+            elif key not in params:
+                kept[key] = nbytes
+        own.append(kept)
+    inclusive = [dict(kept) for kept in own]
+    children: list[_Storages] = [{} for _ in calls]
+    for pos in range(len(calls) - 1, -1, -1):  # pre-order positions: children after their parent
+        parent = calls[pos][3]
+        if 0 <= parent < pos:
+            inclusive[parent].update(inclusive[pos])
+            children[parent].update(inclusive[pos])
+    backward_before = _backward_counts(buf)
+    groups: dict[tuple[int, str, int], tuple[_Storages, _Storages]] = {}
+    label_groups: dict[tuple[str, int], _Storages] = {}
+    totals: dict[int, _Storages] = {}
+    for pos, record in enumerate(calls):
+        index, call, kind, parent = record[0], record[1], record[2], record[3]
+        mine = {key: n for key, n in own[pos].items() if key not in children[pos]}
+        out.calls[(index, call)] = (_size(inclusive[pos]), _size(mine), record[6])
+        group = backward_before[min(record[4], len(backward_before) - 1)]
+        entry = groups.setdefault((index, FORWARD_KIND_PHASE[kind], group), ({}, {}))
+        entry[0].update(inclusive[pos])
+        entry[1].update(mine)
+        if kind == FWD_TRAIN:
+            if index < len(infos):
+                label_groups.setdefault((infos[index].label, group), {}).update(inclusive[pos])
+            if parent < 0:
+                totals.setdefault(group, {}).update(inclusive[pos])
+    for (index, phase, _), (incl, mine) in groups.items():
+        old = out.modules.get((index, phase), (0, 0))
+        out.modules[(index, phase)] = (max(old[0], _size(incl)), max(old[1], _size(mine)))
+    for (label, _), storages in label_groups.items():
+        out.labels[label] = max(out.labels.get(label, 0), _size(storages))
+    out.total = max((_size(storages) for storages in totals.values()), default=0)
+    return out
+
+
+def _backward_counts(buf: StepBuffer) -> list[int]:
+    """``counts[n]``: backward passes started among the first ``n`` marks of the step."""
+    counts = [0]
+    for mark, _ in buf.marks:
+        counts.append(counts[-1] + (mark == M_BWD))
+    return counts
+
+
+def annotate_spans(
+    spans: Iterable[ModuleSpan], events: list[tuple[int, int, int, int]], memory: StepMemory, skipped: set[int]
+) -> None:
+    """Put each forward-kind span's bytes on it. A span is matched to its call through its start
+    stamp (the forward pre-hook's event carries the call number). A call that counted nothing
+    saved nothing (eval, inside a checkpointed region): 0; a module never counted: None."""
+    call_of: dict[tuple[int, int], list[int]] = {}
+    for kind, index, call, stamp in events:
+        if kind in FORWARD_KIND_PHASE:
+            call_of.setdefault((index, stamp), []).append(call)
+    for span in spans:
+        if span.phase == "backward" or span.index in skipped:
+            continue
+        found = call_of.get((span.index, span.start_ns))
+        figures = memory.calls.get((span.index, found.pop(0))) if found else None
+        if figures is None:
+            span.activation_bytes, span.self_activation_bytes = 0, 0
+        else:
+            span.activation_bytes, span.self_activation_bytes, span.allocated_delta = figures

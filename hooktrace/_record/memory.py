@@ -1,0 +1,210 @@
+"""Activation memory on sampled steps: the bytes each module call saves for backward.
+
+A module's forward pre-hook pushes a pair of ``saved_tensors_hooks`` (the context-manager's own
+push/pop, without the context object) and its post-hook (``always_call=True``) pops it. Autograd
+calls the innermost pair for every tensor an operation saves, so a save is seen by the innermost
+module call that is running; the worker unions a call's storages with its subtree's for the
+inclusive figure (``_aggregate/memory.py``). The pack hook only notes ``(storage address, storage
+bytes)`` ints: it keeps no tensor alive and changes no value. It hands the tensor on:
+
+- to the pair that was in force before ours (a user's ``save_on_cpu``, checkpoint's recomputation),
+  whose unpack we push unchanged: the graph stores exactly what it stored without us;
+- else as a detached alias with its version: returning the tensor itself would make a reference
+  cycle through its ``grad_fn`` (the graph would never be freed); and since autograd skips its
+  in-place check for hooked saves, unpack does that check itself, with PyTorch's message.
+
+Inside a non-reentrant checkpoint's forward nothing is pushed: the checkpoint's own pack hook
+drops what is saved there (it is recomputed in backward, where the recompute calls are counted).
+Under ``torch.no_grad`` nothing is saved, so nothing is pushed either.
+
+CUDA: the allocator's host-side counters (``memory_stats_as_nested_dict``, no device sync) give the
+allocated bytes around each sampled module call, and the peak of each phase (reset after reading).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import torch
+
+from hooktrace._record.buffer import FWD_TRAIN, StepBuffer
+
+_autograd = torch._C._autograd
+_top = _autograd._top_saved_tensors_default_hooks
+_push = _autograd._push_saved_tensors_default_hooks
+_pop = _autograd._pop_saved_tensors_default_hooks
+_hooks_enabled = _autograd._saved_tensors_hooks_is_enabled  # type: ignore[attr-defined]
+
+UNMEASURED = -1
+"""``bytes`` of a save whose storage could not be read (a tensor subclass without storage)."""
+
+_CHECKPOINT_PACK = "_checkpoint_hook."
+"""``__qualname__`` prefix of torch.utils.checkpoint's forward pack hook (non-reentrant)."""
+
+
+def _pack(saved: list[tuple[int, int]], outer: Callable[[torch.Tensor], Any] | None, tensor: torch.Tensor) -> Any:
+    """The pack hook of one module call: note the storage, hand the tensor on (see the module doc)."""
+    try:
+        storage = tensor.untyped_storage()
+        saved.append((storage.data_ptr(), storage.nbytes()))
+    except Exception:  # a wrapper subclass (DTensor) has no storage of its own: counted, not measured
+        saved.append((0, UNMEASURED))
+    if outer is not None:
+        return outer(tensor)
+    return tensor.detach(), tensor._version
+
+
+def _unpack(packed: tuple[torch.Tensor, int]) -> torch.Tensor:
+    """The tensor back; raises like autograd when it was modified in place after it was saved."""
+    tensor, version = packed
+    if tensor._version != version:
+        raise RuntimeError(
+            "one of the variables needed for gradient computation has been modified by an inplace "
+            f"operation: [{tensor.type()} {list(tensor.shape)}] is at version {tensor._version}; expected "
+            f"version {version} instead. Hint: the backtrace further above shows the operation that "
+            "failed to compute its gradient. (raised by autograd's check, run by hooktrace's saved-tensor hook)"
+        )
+    return tensor
+
+
+def is_ours(pack: object) -> bool:
+    return type(pack) is partial and pack.func is _pack
+
+
+def _in_checkpoint(pack: object) -> bool:
+    return getattr(pack, "__qualname__", "").startswith(_CHECKPOINT_PACK)
+
+
+class CudaMemory:
+    """The CUDA caching allocator's counters of one device, read on the host (never a sync).
+
+    ``stats`` and ``reset`` default to ``torch.cuda.memory_stats_as_nested_dict`` and
+    ``torch.cuda.reset_peak_memory_stats``; tests pass fakes to run this on a CPU machine.
+    """
+
+    def __init__(
+        self,
+        device: int,
+        stats: Callable[[int], dict[str, Any]] | None = None,
+        reset: Callable[[int], None] | None = None,
+        total: int | None = None,
+    ) -> None:
+        self.device = device
+        self.stats = stats or torch.cuda.memory_stats_as_nested_dict
+        self.reset = reset or torch.cuda.reset_peak_memory_stats
+        self.total = total if total is not None else torch.cuda.get_device_properties(device).total_memory
+        """Device memory in bytes (the alert's limit)."""
+
+    def allocated(self) -> int:
+        return int(self.stats(self.device)["allocated_bytes"]["all"]["current"])
+
+    def phase_end(self, peaks: dict[str, tuple[int, int]], phase: str) -> None:
+        """Fold the allocated and reserved peaks since the last reading into ``peaks[phase]``
+        (the largest over the step's micro-batches), then restart the peaks from the current values."""
+        stats = self.stats(self.device)
+        peak = int(stats["allocated_bytes"]["all"]["peak"])
+        reserved = int(stats["reserved_bytes"]["all"]["peak"])
+        old = peaks.get(phase)
+        peaks[phase] = (max(old[0], peak), max(old[1], reserved)) if old else (peak, reserved)
+        self.reset(self.device)
+
+
+class SavedTensors:
+    """Pushes and pops the saved-tensor hooks of sampled module calls; one stack per thread
+    (the autograd engine runs a CUDA backward, and so a checkpoint's recompute, on its own thread)."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+        self.depth = 0
+        """Pushes not popped yet, every thread: the post-hook's cheap test."""
+        self.skip_modules: set[int] = set()
+        """Module indices never counted (a compiled module: Dynamo's graph saves, not the module)."""
+        self.cuda: CudaMemory | None = None
+
+    def _stack(self) -> list[list[Any]]:
+        stack: list[list[Any]] | None = getattr(self._local, "stack", None)
+        if stack is None:
+            stack = self._local.stack = []
+        return stack
+
+    def enter(self, buf: StepBuffer, index: int, call: int, kind: int) -> None:
+        """Forward pre-hook of a sampled call with grad enabled (training or recompute)."""
+        if index in self.skip_modules or not _hooks_enabled():
+            return
+        top = _top(False)
+        outer_pack: Any = None
+        outer_unpack: Any = None
+        if top is not None:
+            pack, unpack = top
+            if is_ours(pack):  # an enclosing call's: hand on to whatever it hands on to
+                outer_pack = pack.args[1]  # type: ignore[attr-defined]
+                outer_unpack = unpack if outer_pack is not None else None
+            elif kind == FWD_TRAIN and _in_checkpoint(pack):
+                return  # a checkpointed region keeps nothing: counted when recomputed
+            else:
+                outer_pack, outer_unpack = pack, unpack
+        stack = self._stack()
+        calls = buf.saved_calls
+        parent = stack[-1][3] if stack and stack[-1][4] is calls else -1
+        saved: list[tuple[int, int]] = []
+        cuda = self.cuda
+        record = [index, call, kind, parent, len(buf.marks), saved, cuda.allocated() if cuda is not None else None]
+        packer = partial(_pack, saved, outer_pack)
+        stack.append([index, packer, record, len(calls), calls])
+        calls.append(record)
+        try:
+            _push(packer, outer_unpack or _unpack)
+        except Exception:
+            stack.pop()
+            calls.pop()
+            raise
+        self.depth += 1
+
+    def exit(self, buf: StepBuffer, index: int) -> None:
+        """Forward post-hook: pop this call's pair when it is the innermost (it is, unless the
+        module's own code left a pair of its own pushed; ours then stays until ``unwind``)."""
+        stack = self._stack()
+        if not stack or stack[-1][0] != index:
+            return
+        top = _top(False)
+        entry = stack[-1]
+        if top is None or top[0] is not entry[1]:
+            return
+        _pop()
+        stack.pop()
+        self.depth -= 1
+        cuda = self.cuda
+        if cuda is not None:
+            record = entry[2]
+            record[6] = cuda.allocated() - record[6]
+            if not stack and record[2] == FWD_TRAIN:  # the outermost training call: forward ends
+                cuda.phase_end(buf.cuda_memory, "forward")
+
+    def unwind(self) -> int:
+        """Pop this thread's pairs whose post-hook never ran (a KeyboardInterrupt inside a
+        forward skips ``always_call`` hooks); called where no forward runs. Returns how many."""
+        stack = self._stack()
+        popped = 0
+        while stack:
+            top = _top(False)
+            if top is None or top[0] is not stack[-1][1]:
+                break  # someone else's pair above ours: leave both
+            _pop()
+            stack.pop()
+            popped += 1
+        self.depth -= popped
+        return popped
+
+
+def storage_keys(tensors: list[torch.Tensor]) -> frozenset[int]:
+    """Storage addresses of parameters and buffers: their saves are not activations."""
+    keys: set[int] = set()
+    for tensor in tensors:
+        try:
+            keys.add(tensor.untyped_storage().data_ptr())
+        except Exception:
+            continue
+    return frozenset(keys)
