@@ -165,11 +165,14 @@ def _print_summary(run_dir: str, top: int, as_json: bool) -> None:
     from hooktrace.summary_builder import merge_dir
 
     merged = merge_dir(run_dir, check_gradients=True)
-    if not merged:
-        raise click.ClickException(
-            f"no rank*.summary.json in {run_dir} (a run killed in its first 10 s has none); "
-            "hooktrace report --html or --tree still reads its steps and trace files"
-        )
+    if not merged:  # killed before its first checkpoint: rebuilt from steps.jsonl and the trace files
+        from hooktrace.report.load import ReportError, load_run
+        from hooktrace.report.rows import summary_from_files
+
+        try:
+            merged = summary_from_files(load_run(run_dir))
+        except ReportError as exc:
+            raise click.ClickException(str(exc)) from None
     if as_json:
         click.echo(json.dumps(merged, indent=1))
     else:

@@ -160,7 +160,8 @@ def load_run(run_dir: str) -> RunData:
     if not summary:
         missing.append(
             "no summary.json (the run was killed before its first 10-second checkpoint): step data comes "
-            "from steps.jsonl, module times from the trace files; no model structure, never-called list or straggler"
+            "from steps.jsonl, module times from the trace files; no model structure, never-called list, "
+            "straggler or agent overhead"
         )
         for rank, path in sorted(traces.items()):
             rows, _ = modules_from_trace(path, rank)

@@ -172,3 +172,28 @@ def header(run: RunData) -> dict[str, Any]:
         "hook_errors": sum(r.get("hook_errors", 0) for r in ranks),
         "events": event_counts(run),
     }
+
+
+def summary_from_files(run: RunData) -> dict[str, Any]:
+    """A summary (``summary.json``'s shape) rebuilt from steps and traces, for a run that wrote none:
+    what ``hooktrace report`` prints for a run killed before its first checkpoint."""
+    counts: dict[int, dict[str, int]] = {}
+    for event in events(run):
+        per_rank = counts.setdefault(event["rank"], {})
+        per_rank[event["kind"]] = per_rank.get(event["kind"], 0) + 1
+    ranks = []
+    for row in rank_breakdown(run):
+        lines = run.steps.get(row["rank"], [])
+        last = next((s["grad_norm"] for s in reversed(lines) if s.get("grad_norm") is not None), None)
+        ranks.append({**row, "grad_norm": last, "event_counts": counts.get(row["rank"], {})})
+    return {
+        "run_id": run.run_id,
+        "world_size": len(run.ranks),
+        "steps": run.step_count(),
+        "device": "unknown",
+        "ranks": ranks,
+        "modules": run.modules,
+        "events": events(run),
+        "overhead_ratio": 0.0,
+        "notes": list(run.missing),
+    }

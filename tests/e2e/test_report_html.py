@@ -155,4 +155,5 @@ def test_a_killed_run_still_gives_a_report(tmp_path: Path) -> None:
     if not (out / "summary.json").exists():  # killed before its first 10-second checkpoint
         assert "no summary.json" in page and "tree rebuilt from module names" in tree.stdout
         plain = hooktrace("report", str(out))
-        assert plain.returncode == 1 and "--html or --tree still reads" in plain.stderr
+        assert plain.returncode == 0, plain.stderr
+        assert "forward slow" in plain.stdout and "Note: no summary.json" in plain.stdout
