@@ -128,18 +128,8 @@ class PerfettoExporter:
         )
         for phase, start, end in step.phase_spans:
             self._complete(phase, "phase", start, end, {"step": step.step, "phase": phase})
-        quoted = self._quoted
-        for span in sorted(step.spans, key=lambda s: (s.start_ns, -s.end_ns)):
-            key = (span.index, span.phase)
-            parts = quoted.get(key)
-            if parts is None:  # JSON-escaped once per module and phase, then reused
-                parts = quoted[key] = (
-                    f'{{"name":{_encode(f"{span.phase} {span.module}")},"cat":{_encode(span.phase)},"ph":"X","ts":',
-                    f',"pid":{self.rank},"tid":0,"args":{{"module":{_encode(span.module)},'
-                    f'"module_type":{_encode(span.module_type)},"self_us":',
-                )
-            ts, dur = self._us(span.start_ns), max(0, span.end_ns - span.start_ns) / 1000.0
-            self._write_line(f'{parts[0]}{ts!r},"dur":{dur!r}{parts[1]}{span.self_ns / 1000.0!r}}}}},\n')
+        if step.spans:
+            self._write_lines(self._span_lines(step))
         for event in step.events:
             self._write(
                 {
@@ -153,6 +143,40 @@ class PerfettoExporter:
                     "args": event.as_json(),
                 }
             )
+
+    def _span_lines(self, step: StepRecord) -> list[str]:
+        """One line per module span, from text made once per module and phase (the per-span
+        work is three numbers: the sampled step's cost on the worker is mostly here)."""
+        quoted = self._quoted
+        offset = self.wall_offset_ns
+        lines: list[str] = []
+        for span in sorted(step.spans, key=lambda s: (s.start_ns, -s.end_ns)):
+            parts = quoted.get((span.index, span.phase))
+            if parts is None:  # JSON-escaped once per module and phase, then reused
+                parts = quoted[(span.index, span.phase)] = (
+                    f'{{"name":{_encode(f"{span.phase} {span.module}")},"cat":{_encode(span.phase)},"ph":"X","ts":',
+                    f',"pid":{self.rank},"tid":0,"args":{{"module":{_encode(span.module)},'
+                    f'"module_type":{_encode(span.module_type)},"self_us":',
+                )
+            ts, dur = (span.start_ns + offset) / 1000.0, max(0, span.end_ns - span.start_ns) / 1000.0
+            lines.append(f'{parts[0]}{ts!r},"dur":{dur!r}{parts[1]}{span.self_ns / 1000.0!r}}}}},\n')
+        return lines
+
+    def _write_lines(self, lines: list[str]) -> None:
+        """``_write_line`` of many lines at once: the same budget and drop count."""
+        if self._file is None:
+            return
+        room = max(0, self.max_events - self.written)
+        if len(lines) > room:
+            self.dropped += len(lines) - room
+            if self._stats is not None:
+                self._stats.dropped["trace_events"] = self.dropped
+            lines = lines[:room]
+        if self._pending is not None:
+            self._pending.extend(lines)
+        else:
+            self._file.write("".join(lines))
+        self.written += len(lines)
 
     def refresh(self, snapshot: MetricsSnapshot) -> None:
         return None
