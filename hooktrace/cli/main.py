@@ -199,11 +199,11 @@ def _print_tree(run: Any, depth: int | None, sort: str) -> None:
 @click.option(
     "--fail-above", type=float, default=None, metavar="PCT", help="Exit 1 if anything slowed by more than PCT%."
 )
-@click.option("--noise", type=float, default=5.0, show_default=True, metavar="PCT", help="Smaller changes are noise.")
+@click.option("--noise", type=float, default=10.0, show_default=True, metavar="PCT", help="Smaller changes are noise.")
 @click.option(
     "--min-share",
     type=float,
-    default=0.5,
+    default=1.0,
     show_default=True,
     metavar="PCT",
     help="Changes under PCT% of the base step time are noise.",

@@ -85,8 +85,8 @@ def compare(
     base: RunData,
     new: RunData,
     *,
-    noise_pct: float = 5.0,
-    min_share_pct: float = 0.5,
+    noise_pct: float = 10.0,
+    min_share_pct: float = 1.0,
     fail_above: float | None = None,
 ) -> Diff:
     """Compare ``new`` against ``base``; with ``fail_above``, ``failed`` lists counted slowdowns above it."""

@@ -119,10 +119,14 @@ def tree_lines(run: RunData, depth: int | None = None, sort: str = "model") -> t
     roots = build_tree(structure)
     lines: list[TreeLine] = []
 
+    def spent(node: Node) -> float:
+        """Forward + backward with children; a container never called (ModuleList) sums its children."""
+        t = times.get(node.name)
+        return t.both() if t is not None and t.total_s else sum(spent(c) for c in node.children)
+
     def key(node: Node) -> float:
         if sort == "time":
-            t = times.get(node.name)
-            return -(t.both() if t else 0.0)
+            return -spent(node)
         if sort == "params":
             return -float(node.params)
         return 0.0
