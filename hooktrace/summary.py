@@ -222,6 +222,55 @@ def module_lines(modules: list[dict[str, Any]], top: int = 10) -> list[str]:
     return [title, *_aligned(cells, {0, 4})]
 
 
+def _bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def memory_lines(summary: RunSummary, top: int = 5) -> list[str]:
+    """Where memory goes (``--memory on``): parameters, gradients, optimizer state, activations per
+    rank, the CUDA allocator's peaks, and the modules that save the most for backward."""
+    lines = []
+    for r in summary.ranks[:4]:
+        m = r.get("memory") or {}
+        if "parameters" not in m:
+            continue
+        line = (
+            f"Memory (rank {r['rank']}): parameters {_bytes(m['parameters'])}, gradients {_bytes(m['gradients'])}, "
+            f"optimizer state {_bytes(m['optimizer_state'])}, activations {_bytes(m.get('activations'))} "
+            f"per sampled step (largest {_bytes(m.get('activations_max'))})"
+        )
+        cuda = m.get("cuda")
+        if cuda:
+            phases = cuda.get("phases", {})
+            peaks = ", ".join(f"{phase} {_bytes(v['allocated_peak'])}" for phase, v in phases.items())
+            reserved = max((v["reserved_peak"] for v in phases.values()), default=None)
+            line += f"; CUDA peak allocated: {peaks}; reserved {_bytes(reserved)} of {_bytes(cuda.get('device_total'))}"
+        elif r.get("device", summary.device) == "cpu":
+            line += "; on CPU only activation bytes are measured (no allocator counters)"
+        lines.append(line)
+    rows = [m for m in summary.modules if m["phase"] in ("forward", "recompute") and m.get("activation_bytes")]
+    rows.sort(key=lambda m: -m["activation_bytes"])
+    if rows:
+        cells: list[tuple[str, ...]] = [("module", "saved", "self", "max", "type", "rank")]
+        for m in rows[:top]:
+            cells.append((
+                f"{m['phase']} {m['module']}", _bytes(m["activation_bytes"]), _bytes(m.get("self_activation_bytes")),
+                _bytes(m.get("activation_bytes_max")), str(m.get("module_type", "")), str(m["rank"]),
+            ))  # fmt: skip
+        lines.append(
+            f"Largest activations (top {len(cells) - 1}; bytes saved for backward per sampled step, children "
+            "included; self: saved by the module's own operations):"
+        )
+        lines += _aligned(cells, {0, 4})
+    return lines
+
+
 def step_source_lines(summary: RunSummary) -> list[str]:
     """Where steps and gradient norms came from: which optimizers, or backward alone; clipping."""
     rank = summary.ranks[0] if summary.ranks else {}
@@ -262,6 +311,7 @@ def render_summary(summary: RunSummary, top: int = 10) -> str:
         )
         lines.append(f"  rank {r['rank']}: step {_ms(r.get('step_time_s'))}  {phases}")
     lines += module_lines(summary.modules, top)
+    lines += memory_lines(summary)
     counts: dict[str, int] = {}
     for r in summary.ranks:
         for kind, n in r.get("event_counts", {}).items():

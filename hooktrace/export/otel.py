@@ -479,18 +479,15 @@ class _StepSpans:
                 found = _best_phase(phases, m) or (rank_span, self.lo, self.hi)
             p_span, p_lo, p_hi = found
             s, e = _clamp(m.start_ns, m.end_ns, p_lo, p_hi)
-            span = self._start(
-                f"{m.phase} {m.module}",
-                p_span,
-                s,
-                e,
-                {
-                    **base,
-                    "hooktrace.phase": m.phase,
-                    "hooktrace.module": m.module,
-                    "hooktrace.module_type": m.module_type,
-                },
-            )
+            attrs = {
+                **base,
+                "hooktrace.phase": m.phase,
+                "hooktrace.module": m.module,
+                "hooktrace.module_type": m.module_type,
+            }
+            if m.activation_bytes is not None:  # --memory on: bytes this call saved for backward
+                attrs["hooktrace.activation_bytes"] = m.activation_bytes
+            span = self._start(f"{m.phase} {m.module}", p_span, s, e, attrs)
             self.by_module.setdefault(m.index, []).append((s, e, m.phase, span))
             self.by_name.setdefault(m.module, []).append((m, span, e))
             if m.label != m.module:

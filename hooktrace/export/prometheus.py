@@ -88,6 +88,10 @@ _GAUGES: _Table = (
     ("hooktrace_module_labels", "Distinct module label values in use.", (), "module_labels"),
     ("hooktrace_module_labels_truncated", "Modules folded into __other__ (--max-modules).", (),
      "modules_truncated"),
+    ("hooktrace_module_activation_bytes", "Bytes the module saved for backward in the last sampled step "
+     "(children included).", ("module",), "module_activation_bytes"),
+    ("hooktrace_memory_bytes", "Memory by kind: parameters, gradients, optimizer_state, activations (last sampled "
+     "step); CUDA: allocated_peak and reserved (last step's peaks), device_total.", ("kind",), "memory_bytes"),
 )  # fmt: skip
 _COUNTERS: _Table = (
     ("hooktrace_steps", "Optimizer steps aggregated on this rank.", (), "steps_total"),

@@ -1,7 +1,8 @@
 """Step-level series: what a rank outside ``--module-metrics-ranks`` exports, within a fixed budget.
 
 A rank exports per-module series (``hooktrace_module_duration_seconds``,
-``hooktrace_module_type_duration_seconds``, per-module ``hooktrace_grad_norm``) only when it is one
+``hooktrace_module_type_duration_seconds``, per-module ``hooktrace_grad_norm``,
+``hooktrace_module_activation_bytes``) only when it is one
 of the chosen ranks. Every rank keeps its step-level series: steps, the step and phase histograms,
 the total gradient norm and its ratio, the gradient event counters, drops, errors, overhead and
 ``hooktrace_info``. Their number does not grow with the model: it is at most ``STEP_LEVEL_BUDGET``.
@@ -34,6 +35,7 @@ def step_level(snap: MetricsSnapshot) -> MetricsSnapshot:
         snap,
         module_duration={},
         module_type_duration={},
+        module_activation_bytes={},
         grad_norm={TOTAL: snap.grad_norm[TOTAL]} if TOTAL in snap.grad_norm else {},
         nonfinite_events=nonfinite,
         grad_clips=clips,

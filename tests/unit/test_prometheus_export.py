@@ -49,6 +49,8 @@ DESIGN_TYPES = {
     "hooktrace_dropped_total": "counter",
     "hooktrace_hook_errors_total": "counter",
     "hooktrace_overhead_seconds_total": "counter",
+    "hooktrace_module_activation_bytes": "gauge",
+    "hooktrace_memory_bytes": "gauge",
     "hooktrace_export_errors_total": "counter",
     "hooktrace_module_labels": "gauge",
     "hooktrace_module_labels_truncated": "gauge",
