@@ -140,7 +140,8 @@ def tree_lines(run: RunData, depth: int | None = None, sort: str = "model") -> t
         leaf = not children and not multi
         text = _label(entry, leaf)
         if not children and node.children:  # cut by --depth: say how much is folded
-            text = f"{text[:-1]}...)  [{_count_below(node)} modules below]"
+            below = _count_below(node)
+            text = f"{text[:-1]}...)  [{below} module{'s' if below != 1 else ''} below]"
         cells, hot = _cells(node, times.get(node.name), norms.get(node.name), step, never, skipped)
         lines.append(TreeLine(level, _cut(text), cells, hot))
         if leaf:
