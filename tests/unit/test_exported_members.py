@@ -18,6 +18,7 @@ def test_all_is_sorted_and_names_every_public_member() -> None:
         "cli",
         "summary_builder",
         "assets",
+        "report",
     }
     assert set(hooktrace.__all__) - {"__version__"} == public - modules
 
