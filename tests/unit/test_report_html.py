@@ -97,3 +97,32 @@ def test_without_plotly_the_error_is_one_line_naming_the_extra(monkeypatch: pyte
         build_html(_big_run())
     message = str(info.value)
     assert "\n" not in message and "pip install 'hooktrace[report]'" in message
+
+
+def test_ranks_are_drawn_side_by_side_and_the_straggler_is_named_with_its_modules() -> None:
+    def lines(rank: int, step_s: float) -> list[dict[str, Any]]:
+        return [
+            {"step": s, "rank": rank, "duration_s": step_s, "phases": {"forward": step_s / 2}, "events": []}
+            for s in range(1, 30)
+        ]
+
+    straggler = {
+        "rank": 1,
+        "ratio": 1.8,
+        "modules": [{"module": "enc.3", "phase": "backward", "extra_s_per_step": 0.004}],
+    }
+    summary = {
+        "run_id": "ddp", "world_size": 2, "steps": 29, "device": "cpu", "straggler": straggler,
+        "ranks": [{"rank": 0, "step_time_s": 0.010, "phases": {"forward": 0.005}},
+                  {"rank": 1, "step_time_s": 0.018, "phases": {"forward": 0.013}}],
+    }  # fmt: skip
+    run = RunData(
+        run_dir="/nonexistent/ddp", summary=summary, steps={0: lines(0, 0.01), 1: lines(1, 0.018)}, modules=[]
+    )
+    page = build_html(run)
+    data = json.loads(re.search(r"id='hooktrace-figures'>(.*?)</script>", page, re.S).group(1))  # type: ignore[union-attr]
+    assert {"steps-rank0", "steps-rank1"} <= set(data)
+    forward = next(t for t in data["ranks"]["data"] if t["name"] == "forward")
+    assert forward["x"] == ["rank 0", "rank 1"] and forward["y"] == [5.0, 13.0]
+    assert "Straggler: rank 1</b>, busy 1.80x the median rank" in page
+    assert "<td>backward</td><td>enc.3</td><td>4.00 ms</td>" in page
