@@ -388,6 +388,7 @@ def flow_figure(run: RunData) -> Figure | None:
             "Gradient flow: norm of each module's output gradient (log scale)",
             yaxis={"type": "log", "title": {"text": "norm"}},
             xaxis={"automargin": True},
+            legend={"orientation": "v", "x": 1.01, "y": 1},  # clear of the slanted module names
         ),
     }
 
