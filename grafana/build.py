@@ -427,6 +427,59 @@ def _gradients(d: db.Dashboard, ids: Iterator[int]) -> None:
     )
 
 
+def _memory(d: db.Dashboard, ids: Iterator[int]) -> None:
+    """Where the memory goes (--memory on): kinds, the modules that keep the most for backward,
+    and on CUDA the reserved share of the device (the HooktraceMemoryNearLimit alert's figure)."""
+    d.with_row(db.Row("Memory").id(next(ids)))
+    kinds = _sel('kind!="device_total"')
+    chosen = _sel('module=~"$module"')
+    d.with_panel(
+        _graph(
+            ids,
+            "Memory by kind",
+            "Parameters, gradients and optimizer state; activations: bytes saved for backward in the last "
+            "sampled step. On CUDA also the last step's allocated and reserved peaks (the CPU measures "
+            "activation bytes only).",
+            "bytes",
+            _targets((f"max by (rank, kind) (hooktrace_memory_bytes{kinds})", "rank {{rank}} {{kind}}")),
+        )
+    )
+    d.with_panel(
+        _table(
+            ids,
+            "Largest activations",
+            "The 20 modules that saved the most for backward in the last sampled step (children included), "
+            "selected ranks together.",
+            "bytes",
+            f"topk(20, max by (module) (hooktrace_module_activation_bytes{_sel()}))",
+            "saved for backward",
+        )
+    )
+    d.with_panel(
+        _graph(
+            ids,
+            "Activation bytes: $module",
+            "Bytes the selected modules saved for backward, per sampled step and rank.",
+            "bytes",
+            _targets(
+                (f"hooktrace_module_activation_bytes{chosen}", "rank {{rank}} {{module}}"),
+            ),
+        )
+    )
+    d.with_panel(
+        _graph(
+            ids,
+            "GPU memory reserved / device",
+            "CUDA: the allocator's reserved memory (step peak) as a share of the device; "
+            "HooktraceMemoryNearLimit fires above 90 % (the red line) for 5 minutes.",
+            "percent",
+            _targets((f"100 * hooktrace:memory_reserved:ratio{_sel()}", "rank {{rank}}")),
+        )
+        .thresholds(_thresholds((None, "green"), (90, "red")))
+        .thresholds_style(cb.GraphThresholdsStyleConfig().mode(cm.GraphThresholdsStyleMode.DASHED))
+    )
+
+
 def _agent(ids: Iterator[int]) -> db.Row:
     """A collapsed row: the agent's own health, rarely needed."""
     row = db.Row("Agent").id(next(ids))
@@ -507,6 +560,7 @@ def _training() -> dict[str, Any]:
     _overview(d, ids)
     _modules(d, ids)
     _gradients(d, ids)
+    _memory(d, ids)
     d.with_row(_agent(ids))
     model: dict[str, Any] = json.loads(json.dumps(d.build(), cls=JSONEncoder))
     return model

@@ -53,6 +53,10 @@ MAY_BE_EMPTY: dict[tuple[str, str, str], str] = {
         "(--on-explosion clip and a gradient spike)"
     ),
     ("hooktrace-training", "Clipped modules", "A"): "hooktrace_grad_clips_total: as above",
+    ("hooktrace-training", "GPU memory reserved / device", "A"): (
+        "hooktrace:memory_reserved:ratio needs the CUDA allocator's reserved bytes and the device's memory: "
+        "a CPU run has neither"
+    ),
     ("hooktrace-training", "Where gradients went non-finite", "A"): (
         "hooktrace_nonfinite_events_total is labelled by the first non-finite module: a series "
         "exists after the first NaN/Inf gradient"

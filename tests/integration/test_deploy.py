@@ -142,7 +142,7 @@ def test_the_compose_prometheus_config_passes_promtool_check_config(tmp_path: Pa
     checked.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     result = run_tool(promtool, "check", "config", str(checked))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 9 rules found" in result.stdout
+    assert "SUCCESS: 11 rules found" in result.stdout
 
 
 def test_the_compose_prometheus_scrapes_the_merged_run_targets_and_alerts_the_compose_alertmanager() -> None:

@@ -18,6 +18,7 @@ DESIGN_ALERTS = {
     "HooktraceStraggler",
     "HooktraceTrainingStalled",
     "HooktraceAgentDropping",
+    "HooktraceMemoryNearLimit",
 }
 DESIGN_RECORDING_RULES = {
     "hooktrace:step_duration_seconds:mean5m",
@@ -52,9 +53,10 @@ def test_promtool_rule_unit_tests_pass() -> None:
 
 def test_every_alert_and_recording_rule_named_in_the_design_exists() -> None:
     assert {rule["alert"] for rule in _alerts()} == DESIGN_ALERTS
-    # DESIGN's three, plus the busy time the straggler rules are built on
+    # DESIGN's three, plus the busy time the straggler rules are built on and the memory ratio
     assert {rule["record"] for rule in _rules() if "record" in rule} == DESIGN_RECORDING_RULES | {
-        "hooktrace:busy_seconds:mean5m"
+        "hooktrace:busy_seconds:mean5m",
+        "hooktrace:memory_reserved:ratio",
     }
 
 

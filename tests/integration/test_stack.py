@@ -23,6 +23,7 @@ RECORDING_RULES = {
     "hooktrace:step_duration_seconds:mean5m",
     "hooktrace:straggler_skew:ratio",
     "hooktrace:step_duration_seconds:ratio_to_median",
+    "hooktrace:memory_reserved:ratio",
 }
 ALERTS = {
     "HooktraceGradientExplosion",
@@ -30,6 +31,7 @@ ALERTS = {
     "HooktraceStraggler",
     "HooktraceTrainingStalled",
     "HooktraceAgentDropping",
+    "HooktraceMemoryNearLimit",
 }
 
 

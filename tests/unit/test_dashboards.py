@@ -37,6 +37,8 @@ _PLAIN = (
     "dropped_total",
     "hook_errors_total",
     "overhead_seconds_total",
+    "module_activation_bytes",
+    "memory_bytes",
 )
 DESIGN_METRICS = (
     {f"hooktrace_{name}" for name in _PLAIN}
@@ -49,6 +51,7 @@ RECORDING_RULES = {
     "hooktrace:step_duration_seconds:mean5m",
     "hooktrace:straggler_skew:ratio",
     "hooktrace:step_duration_seconds:ratio_to_median",
+    "hooktrace:memory_reserved:ratio",
 }
 SELF_METRICS = {
     "hooktrace_export_errors_total",
@@ -285,7 +288,7 @@ def test_the_training_dashboard_has_the_documented_variables_and_rows() -> None:
     for name in ("rank", "module", "module_type"):
         assert variables[name]["multi"] and variables[name]["includeAll"], name
     rows = [panel["title"] for panel in model["panels"] if panel["type"] == "row"]
-    assert rows == ["Overview", "Modules (sampled steps)", "Gradient health", "Agent"]
+    assert rows == ["Overview", "Modules (sampled steps)", "Gradient health", "Memory", "Agent"]
 
 
 def test_panels_fit_the_24_column_grid(dashboard: dict[str, Any]) -> None:
