@@ -145,3 +145,19 @@ def test_a_terminal_gets_the_same_text_in_colour(run_dir: Path) -> None:
     coloured = buffer.getvalue()
     assert "\x1b[" in coloured
     assert re.sub(r"\x1b\[[0-9;]*m", "", coloured).rstrip("\n") == render_plain(lines, notes)
+
+
+def test_a_module_that_full_backward_hooks_skipped_is_flagged_with_the_reason(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(inplace=True), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    agent = hooktrace.attach(model, out=str(tmp_path), metrics_port=0, sample_every=1, backward="full")
+    for _ in range(3):
+        loss = model(torch.randn(2, 4)).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    agent.close()
+    lines = _tree(tmp_path)
+    assert _line(lines, "(1): ReLU(inplace=True)").rstrip().endswith("full backward hooks skipped (inplace=True)")
+    assert _line(lines, "(0): Linear").rstrip().endswith("skipped (no input requires grad)")
+    assert "skipped" not in _line(lines, "(2): Linear")
