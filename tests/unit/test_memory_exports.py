@@ -1,0 +1,164 @@
+"""Memory everywhere it is reported: /metrics, spans, steps.jsonl, the summary; and the CUDA
+allocator paths, run on the CPU with a fake allocator."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client import CollectorRegistry
+from torch import nn
+
+import hooktrace
+from hooktrace._aggregate.memory_stats import MemoryStats
+from hooktrace._record.buffer import FWD_TRAIN, StepBuffer
+from hooktrace._record.memory import CudaMemory, SavedTensors
+from hooktrace.export.otel import OtelExporter
+from hooktrace.export.prometheus import HooktraceCollector
+from hooktrace.summary import RunSummary
+from tests.conftest import read_steps
+
+KIB, MIB = 1024, 1024 * 1024
+
+
+class FakeAllocator:
+    """The counters ``torch.cuda.memory_stats_as_nested_dict`` returns, moved by hand."""
+
+    def __init__(self) -> None:
+        self.current = 1000
+        self.peak = 1000
+        self.reserved_peak = 4000
+        self.resets = 0
+
+    def alloc(self, nbytes: int) -> None:
+        self.current += nbytes
+        self.peak = max(self.peak, self.current)
+
+    def stats(self, device: int) -> dict[str, Any]:
+        return {
+            "allocated_bytes": {"all": {"current": self.current, "peak": self.peak}},
+            "reserved_bytes": {"all": {"current": self.reserved_peak, "peak": self.reserved_peak}},
+        }
+
+    def reset(self, device: int) -> None:
+        self.resets += 1
+        self.peak = self.current
+
+
+def test_phase_peaks_keep_the_largest_micro_batch_and_restart_after_each_reading() -> None:
+    fake = FakeAllocator()
+    cuda = CudaMemory(0, stats=fake.stats, reset=fake.reset, total=8000)
+    peaks: dict[str, tuple[int, int]] = {}
+    fake.alloc(500)
+    fake.alloc(-500)
+    cuda.phase_end(peaks, "backward")
+    fake.alloc(200)
+    cuda.phase_end(peaks, "backward")
+    assert peaks == {"backward": (1500, 4000)}  # the first micro-batch's peak stays the largest
+    assert fake.resets == 2 and fake.peak == fake.current == 1200
+    assert cuda.allocated() == 1200
+
+
+def test_the_allocated_delta_of_a_call_and_the_forward_peak_come_from_the_allocator() -> None:
+    fake = FakeAllocator()
+    saved = SavedTensors()
+    saved.cuda = CudaMemory(0, stats=fake.stats, reset=fake.reset, total=8000)
+    buf = StepBuffer(number=1, sampled=True, start_ns=1)
+    saved.enter(buf, 0, 0, FWD_TRAIN)
+    saved.enter(buf, 1, 0, FWD_TRAIN)
+    fake.alloc(300)
+    saved.exit(buf, 1)
+    fake.alloc(50)
+    assert "forward" not in buf.cuda_memory  # the outer call is still running
+    saved.exit(buf, 0)
+    assert [record[6] for record in buf.saved_calls] == [350, 300]
+    assert buf.cuda_memory == {"forward": (1350, 4000)}
+    assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+
+
+def _attach_fake_cuda(agent: hooktrace.Agent, fake: FakeAllocator) -> None:
+    memory = agent.recorder.memory
+    assert memory is not None
+    memory.cuda = CudaMemory(0, stats=fake.stats, reset=fake.reset, total=80 * 1024**3)
+
+
+def _train(tmp_path: Path, fake: FakeAllocator | None = None, **options: Any) -> tuple[hooktrace.Agent, RunSummary]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1024, 4096), nn.GELU())
+    agent = hooktrace.Agent(out=str(tmp_path), metrics_port=0, sample_every=2, **options)
+    agent.attach(model)
+    if fake is not None:
+        _attach_fake_cuda(agent, fake)
+    opt = torch.optim.AdamW(model.parameters())
+    for _ in range(4):
+        if fake is not None:
+            fake.alloc(10 * MIB)
+            fake.alloc(-10 * MIB)
+        model(torch.randn(64, 1024)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return agent, agent.close()
+
+
+def test_cuda_peaks_reach_steps_jsonl_the_summary_and_the_gauges(tmp_path: Path) -> None:
+    fake = FakeAllocator()
+    agent, summary = _train(tmp_path, fake)
+    steps = read_steps(tmp_path)
+    assert {"backward", "optimizer"} <= set(steps[-1]["memory"])
+    assert "forward" in steps[0]["memory"]  # sampled steps split forward from backward
+    cuda = summary.ranks[0]["memory"]["cuda"]
+    assert cuda["device_total"] == 80 * 1024**3
+    assert max(v["allocated_peak"] for v in cuda["phases"].values()) == 1000 + 10 * MIB
+    gauges = agent.stats.memory.gauges()
+    assert gauges["reserved"] == 4000 and gauges["device_total"] == 80 * 1024**3
+    assert "CUDA peak allocated" in summary.render()
+
+
+def test_metrics_expose_module_activation_bytes_and_memory_by_kind(tmp_path: Path) -> None:
+    agent, _ = _train(tmp_path)
+    registry = CollectorRegistry()
+    collector = HooktraceCollector()
+    collector.update(agent.stats.snapshot())
+    registry.register(collector)
+    base = {"run_id": agent.info.run_id, "rank": "0"}
+    value = registry.get_sample_value
+    assert value("hooktrace_module_activation_bytes", {**base, "module": "0"}) == 256 * KIB
+    assert value("hooktrace_module_activation_bytes", {**base, "module": "Sequential"}) == 256 * KIB + MIB
+    params = (1024 * 4096 + 4096) * 4
+    assert value("hooktrace_memory_bytes", {**base, "kind": "parameters"}) == params
+    assert value("hooktrace_memory_bytes", {**base, "kind": "gradients"}) == params
+    assert value("hooktrace_memory_bytes", {**base, "kind": "optimizer_state"}) == 2 * params
+    assert value("hooktrace_memory_bytes", {**base, "kind": "activations"}) == 256 * KIB + MIB
+    assert value("hooktrace_memory_bytes", {**base, "kind": "reserved"}) is None  # CPU: no allocator
+
+
+def test_module_spans_carry_their_activation_bytes(tmp_path: Path) -> None:
+    agent = hooktrace.Agent(out=str(tmp_path), metrics_port=0, sample_every=1, otlp_endpoint="http://127.0.0.1:9")
+    exporter = next(e for e in agent.exporters if isinstance(e, OtelExporter))
+    spans = InMemorySpanExporter()
+    exporter.span_exporter = spans
+    model = nn.Sequential(nn.Linear(1024, 4096), nn.GELU())
+    agent.attach(model)
+    model(torch.randn(64, 1024)).sum().backward()
+    agent.close()
+    attrs = {s.name: dict(s.attributes or {}) for s in spans.get_finished_spans()}
+    assert attrs["forward 0"]["hooktrace.activation_bytes"] == 256 * KIB
+    assert attrs["forward 1"]["hooktrace.activation_bytes"] == MIB
+    assert "hooktrace.activation_bytes" not in attrs["backward 0"]
+
+
+def test_the_summary_names_the_largest_activations_and_says_cpu_measures_only_them(tmp_path: Path) -> None:
+    _, summary = _train(tmp_path)
+    text = summary.render()
+    assert "on CPU only activation bytes are measured" in text
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("Largest activations"))
+    assert lines[start + 2].split()[:4] == ["forward", "Sequential", "1.2", "MiB"]
+    assert RunSummary.from_dict(summary.as_dict()).render() == text
+
+
+def test_memory_stats_keep_the_last_sampled_step_for_the_gauges() -> None:
+    stats = MemoryStats()
+    assert stats.gauges() == {} and stats.summary("cpu")["activations"] is None
