@@ -5,7 +5,8 @@
    sampled, flow and unsampled steps, gradient clipping and a GradScaler-free bf16 autocast; any
    host sync the agent makes on the training thread raises, so the loop must finish silently.
 3. The overhead on CUDA of a GPT-2-small-size model (12 layers, 768 wide, bf16 autocast): bare,
-   the default config, ``--sample-every 1 --flow-every 0`` and ``torch.profiler`` with CUDA
+   the default config, ``--sample-every 1 --flow-every 0`` (each also with ``--memory off``: what
+   activation memory per module costs) and ``torch.profiler`` with CUDA
    activities, in interleaved blocks timed with a synchronize at block edges (the benchmark's
    own sync, outside the agent), median ratio to the bare blocks around each.
 
@@ -99,7 +100,15 @@ def check_no_sync(device: str, tiny: bool, steps: int) -> str:
     errors = sum(r.get("hook_errors", 0) for r in summary.ranks)
     if summary.steps < steps - 1 or errors:
         raise SystemExit(f"gpu-check: sync-debug loop recorded {summary.steps} steps, {errors} hook errors")
-    return f"sync-debug loop: {summary.steps} steps with the agent attached, no host sync, no hook error"
+    memory = summary.ranks[0].get("memory", {})
+    peaks = ", ".join(
+        f"{p} {v['allocated_peak'] / 2**20:.1f}" for p, v in memory.get("cuda", {}).get("phases", {}).items()
+    )
+    return (
+        f"sync-debug loop: {summary.steps} steps with the agent attached, no host sync, no hook error; "
+        f"activations {(memory.get('activations') or 0) / 2**20:.1f} MiB per sampled step; "
+        f"allocated peaks (MiB): {peaks or 'none (CPU)'}"
+    )
 
 
 def timed(step: Callable[[], None], steps: int, device: str) -> float:
@@ -117,7 +126,12 @@ def overhead(device: str, tiny: bool, rounds: int, steps: int) -> list[str]:
     modes: dict[str, Callable[[], None]] = {}
     agents = []
     _, bare = workload(device, tiny)
-    for name, options in (("default", {}), ("--sample-every 1 --flow-every 0", {"sample_every": 1, "flow_every": 0})):
+    for name, options in (
+        ("default", {}),
+        ("--memory off", {"memory": "off"}),
+        ("--sample-every 1 --flow-every 0", {"sample_every": 1, "flow_every": 0}),
+        ("--sample-every 1 --flow-every 0 --memory off", {"sample_every": 1, "flow_every": 0, "memory": "off"}),
+    ):
         model, step = workload(device, tiny)
         out = tempfile.mkdtemp(prefix="hooktrace-gpu-")
         agents.append(hooktrace.attach(model, out=out, metrics_port=0, **options))

@@ -77,3 +77,47 @@ def test_raise_mode_replays_a_forward_nan_on_an_unsampled_step(tmp_path: Path) -
     with pytest.raises(hooktrace.NonFiniteGradientError) as info:
         _nan_run(tmp_path, 4, sample_every=10, on_nonfinite="raise")
     assert (info.value.step, info.value.module, info.value.phase) == (4, "1", "forward")
+
+
+class _Checkpointed(torch.nn.Module):
+    def __init__(self, reentrant: bool) -> None:
+        super().__init__()
+        self.reentrant = reentrant
+        self.inp = torch.nn.Linear(1024, 4096)
+        self.block = torch.nn.Sequential(torch.nn.GELU(), torch.nn.Linear(4096, 1024))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(self.block, self.inp(x), use_reentrant=self.reentrant)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_memory_on_cuda_counts_saves_and_reads_the_allocator_without_a_sync(tmp_path: Path, reentrant: bool) -> None:
+    """Activation bytes as on the CPU (the checkpoint's recompute runs on the autograd engine's
+    device thread), allocator peaks per phase, optimizer state, all under sync-debug 'error'."""
+    torch.manual_seed(0)
+    model = _Checkpointed(reentrant).cuda()
+    agent = hooktrace.attach(model, out=str(tmp_path), metrics_port=0, sample_every=1)
+    opt = torch.optim.AdamW(model.parameters())
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            model(torch.randn(64, 1024, device="cuda")).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    summary = agent.close()
+    assert summary.ranks[0]["hook_errors"] == 0
+    rows = {(m["module"], m["phase"]): m for m in summary.modules}
+    assert rows[("inp", "forward")]["activation_bytes"] == 64 * 1024 * 4
+    assert rows[("block.0", "recompute")]["activation_bytes"] == 64 * 4096 * 4
+    memory = summary.ranks[0]["memory"]
+    params = sum(p.numel() * 4 for p in model.parameters())
+    assert memory["optimizer_state"] == 2 * params
+    phases = memory["cuda"]["phases"]
+    assert {"forward", "backward", "optimizer"} <= set(phases)
+    assert max(v["allocated_peak"] for v in phases.values()) >= 3 * params  # weights, grads, state
+    assert memory["cuda"]["device_total"] == torch.cuda.get_device_properties(0).total_memory
+    assert all("memory" in step for step in read_steps(tmp_path))
