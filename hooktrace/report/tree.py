@@ -153,6 +153,8 @@ def tree_lines(run: RunData, depth: int | None = None, sort: str = "model") -> t
         lines.append(TreeLine(level, ")"))
 
     for root in roots:
+        if len(roots) > 1:  # several models: each root line names the model as the run does
+            root.entry = {**root.entry, "key": root.name}
         walk(root, 0)
     total = sum(r.params for r in roots)
     frozen = sum(r.frozen for r in roots)
