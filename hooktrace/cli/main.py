@@ -151,7 +151,10 @@ def report(
         if html_path is not None:
             from hooktrace.report.html import write_html
 
-            click.echo(write_html(run, html_path or None))
+            try:
+                click.echo(write_html(run, html_path or None))
+            except OSError as exc:  # a read-only run directory, say on a shared filesystem
+                raise click.ClickException(f"cannot write the report: {exc}; choose a file with --html PATH") from None
         if tree:
             _print_tree(run, depth, sort)
     except ReportError as exc:
