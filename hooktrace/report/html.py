@@ -81,7 +81,7 @@ def _header(run: RunData) -> str:
         ("ranks", f"{facts['ranks']} (world size {facts['world_size']})"),
         ("device", facts["device"]),
         ("steps", facts["steps"]),
-        ("time in steps", fmt_s(facts["wall_s"])),
+        ("wall time (steps)", fmt_s(facts["wall_s"])),
         ("agent overhead", "-" if overhead is None else f"{overhead * 100:.2f}% of step time"),
         ("dropped / hook errors", f"{facts['dropped']} / {facts['hook_errors']}"),
         ("events", events),

@@ -153,7 +153,10 @@ def event_counts(run: RunData) -> dict[str, int]:
 
 
 def header(run: RunData) -> dict[str, Any]:
-    """The facts a report opens with: id, ranks, device, steps, wall time, overhead, drops."""
+    """The facts a report opens with: id, ranks, device, steps, wall time, overhead, drops.
+
+    Steps tile a rank's training time (each starts where the previous one ended), so the wall time
+    from the first step's start to the last one's end is the sum of their durations."""
     ranks = run.summary.get("ranks", [])
     wall = None
     for lines in run.steps.values():
