@@ -43,6 +43,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_grad_norms.py
 	$(PY) benchmarks/bench_scrape.py
 	$(PY) benchmarks/bench_spans.py
+	$(PY) benchmarks/bench_memory.py
 
 # 1,000 synthetic ranks scraped by a real Prometheus with the project's rules (README "Scale");
 # a few minutes. Smaller: make scale-sim SCALE_ARGS="--ranks 100 --duration 90".
