@@ -180,7 +180,7 @@ def module_bars(run: RunData, phase: str) -> Figure:
             barmode="group",
             height=max(300, 28 * len(top) + 120),
             xaxis={"title": {"text": "ms per step"}},
-            yaxis={"automargin": True},
+            yaxis={"automargin": True, "type": "category"},  # module names like "0" are names, not numbers
         ),
     }
 
@@ -359,7 +359,7 @@ def heatmap_figure(run: RunData) -> Figure | None:
             "Gradient norm per module and step (log colour)" + (f" ({'; '.join(cut)})" if cut else ""),
             height=max(320, 16 * len(shown) + 140),
             xaxis={"title": {"text": "step (sampled or with an event)"}},
-            yaxis={"autorange": "reversed", "automargin": True},
+            yaxis={"autorange": "reversed", "automargin": True, "type": "category"},
         ),
     }
 
@@ -387,7 +387,7 @@ def flow_figure(run: RunData) -> Figure | None:
         "layout": _layout(
             "Gradient flow: norm of each module's output gradient (log scale)",
             yaxis={"type": "log", "title": {"text": "norm"}},
-            xaxis={"automargin": True},
+            xaxis={"automargin": True, "type": "category"},
             legend={"orientation": "v", "x": 1.01, "y": 1},  # clear of the slanted module names
         ),
     }

@@ -79,6 +79,10 @@ def test_ten_thousand_steps_and_a_thousand_modules_fit_the_budget_and_say_what_w
     norm = data["grad-norm"]["data"]
     assert len(norm[0]["x"]) <= figures.MAX_POINTS and "(max per bucket)" in norm[0]["name"]
     assert "inplace=True" in page and "Never called</b> (3)" in page
+    # module names such as "0" (an nn.Sequential's children) must not be read as numbers
+    for fig_id, axis in (("modules-forward", "yaxis"), ("modules-backward", "yaxis"), ("grad-heatmap", "yaxis")):
+        assert data[fig_id]["layout"][axis]["type"] == "category", fig_id
+    assert data["grad-flow"]["layout"]["xaxis"]["type"] == "category"
 
 
 def test_the_heatmap_is_a_log_scale_of_the_norms() -> None:
