@@ -53,6 +53,12 @@ SHARES = {"data": 0.05, "forward": 0.30, "backward": 0.55, "optimizer": 0.10}
 BUSY_S = 0.2
 """A typical rank's busy time per step."""
 
+MEMORY_BYTES = {
+    "parameters": 3 << 30, "gradients": 3 << 30, "optimizer_state": 6 << 30, "activations": 40 << 30,
+    "reserved": 60 << 30, "device_total": 80 << 30,
+}  # fmt: skip
+"""A 1.5 B-parameter model on an 80 GiB GPU (``hooktrace_memory_bytes{kind}`` of a CUDA rank)."""
+
 SAMPLE_EVERY = 10
 """Per-module times come from every 10th step, like ``--sample-every``'s default."""
 
@@ -180,8 +186,10 @@ class SyntheticJob:
 
     def _snapshot(self, state: _RankState) -> MetricsSnapshot:
         norms = {TOTAL: state.norm}
+        activations: dict[str, int] = {}
         if state.choice.includes_this_rank():  # skip the work the collector would throw away
             norms.update({name: state.norm / 8 * (1 + (i % 5) / 10) for i, (name, _) in enumerate(MODULES)})
+            activations = {name: (64 << 20) * (1 + i % 3) for i, (name, _) in enumerate(MODULES)}
         return MetricsSnapshot(
             info=state.info,
             steps_total=state.steps,
@@ -197,4 +205,9 @@ class SyntheticJob:
             export_errors={"jsonl": 0, "perfetto": 0, "prometheus": 0},
             overhead_seconds_total=state.overhead_s,
             module_labels=len(MODULES),
+            module_activation_bytes=activations,
+            memory_bytes={
+                **MEMORY_BYTES,
+                "allocated_peak": int(MEMORY_BYTES["reserved"] * (0.9 + 0.02 * (state.steps % 3))),
+            },
         )

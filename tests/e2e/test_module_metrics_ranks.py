@@ -34,7 +34,11 @@ from tests.servers import RULES_FILE, PrometheusServer, free_port, http_get_json
 REPO = Path(__file__).resolve().parents[2]
 DDP = REPO / "examples" / "train_ddp.py"
 STEPS = 200
-MODULE_FAMILIES = ("hooktrace_module_duration_seconds", "hooktrace_module_type_duration_seconds")
+MODULE_FAMILIES = (
+    "hooktrace_module_duration_seconds",
+    "hooktrace_module_type_duration_seconds",
+    "hooktrace_module_activation_bytes",
+)
 
 
 @dataclass(frozen=True)
@@ -100,10 +104,8 @@ def test_rank_1_exports_no_per_module_series_and_stays_within_the_budget(two_ran
 
 
 def _module_level(query: Query) -> bool:
-    """A panel of per-module series: module times, module-type histograms, per-module norms."""
-    return query.expr.count("hooktrace_module_duration") + query.expr.count("hooktrace_module_type") > 0 or (
-        'module!="__total__"' in query.expr
-    )
+    """A panel of per-module series: module times, module-type histograms, activations, module norms."""
+    return any(family in query.expr for family in MODULE_FAMILIES) or 'module!="__total__"' in query.expr
 
 
 def _ranks_with_data(prometheus: PrometheusServer, expr: str, want: set[str], timeout: float = 20.0) -> set[str]:

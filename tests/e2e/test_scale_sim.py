@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from hooktrace.export.series_budget import STEP_LEVEL_BUDGET
-from tests.integration.test_dashboard_queries import PANEL_QUERIES
+from tests.integration.test_dashboard_queries import MAY_BE_EMPTY, PANEL_QUERIES
 from tests.servers import require_binary
 
 REPO = Path(__file__).resolve().parents[2]
@@ -41,4 +41,6 @@ def test_fifty_simulated_ranks_fire_both_alerts_for_the_right_ranks_within_the_s
     assert report["head_series"] > 50 * report["step_level_rank_max"] * 0.9
     assert report["memory_mib_max"] > 0 and set(report["rule_groups_ms"]) == {"hooktrace.recording", "hooktrace.alerts"}
     assert [q["query"] for q in report["dashboard_queries"]] == [str(q) for q in PANEL_QUERIES]
+    must_have_data = {str(q) for q in PANEL_QUERIES if q.key not in MAY_BE_EMPTY}
+    assert not [q for q in report["dashboard_queries"] if q["query"] in must_have_data and not q["series"]]
     assert "alerts for the right ranks (straggler rank 30, spike rank 18): yes" in result.stdout

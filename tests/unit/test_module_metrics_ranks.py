@@ -17,7 +17,11 @@ from hooktrace.export.prometheus import HooktraceCollector, PrometheusExporter
 from hooktrace.export.series_budget import STEP_LEVEL_BUDGET, step_level
 from tests.unit.test_prometheus_export import INFO, make_snapshot
 
-MODULE_FAMILIES = ("hooktrace_module_duration_seconds", "hooktrace_module_type_duration_seconds")
+MODULE_FAMILIES = (
+    "hooktrace_module_duration_seconds",
+    "hooktrace_module_type_duration_seconds",
+    "hooktrace_module_activation_bytes",
+)
 
 
 def test_module_metrics_ranks_is_one_flag_one_variable_and_one_field_defaulting_to_auto() -> None:
@@ -103,8 +107,9 @@ def test_a_rank_that_becomes_the_slowest_exports_module_series_at_the_next_scrap
 
 def test_the_step_level_view_changes_nothing_else_and_a_chosen_rank_exports_everything() -> None:
     snap = make_snapshot()
-    cut = step_level(snap)
+    cut = step_level(make_snapshot(module_activation_bytes={"blocks.0.attn": 4096}, memory_bytes={"parameters": 8}))
     assert cut.grad_norm == {TOTAL: 2.5} and cut.module_duration == {} and cut.module_type_duration == {}
+    assert cut.module_activation_bytes == {} and cut.memory_bytes == {"parameters": 8}
     assert (cut.steps_total, cut.dropped, cut.optimizer_steps) == (snap.steps_total, snap.dropped, snap.optimizer_steps)
     assert step_level(make_snapshot(grad_norm={}, grad_clips={})).grad_clips == {}
     chosen = HooktraceCollector(INFO, RankChoice("1", INFO.rank, INFO.local_rank, INFO.world_size))
