@@ -141,7 +141,9 @@ def tree_lines(run: RunData, depth: int | None = None, sort: str = "model") -> t
         text = _label(entry, leaf)
         if not children and node.children:  # cut by --depth: say how much is folded
             below = _count_below(node)
-            text = f"{text[:-1]}...)  [{below} module{'s' if below != 1 else ''} below]"
+            unused = sum(1 for name in _names_below(node) if name in never)
+            text = f"{text[:-1]}...)  [{below} module{'s' if below != 1 else ''} below"
+            text += f", {unused} never called]" if unused else "]"
         cells, hot = _cells(node, times.get(node.name), norms.get(node.name), step, never, skipped)
         lines.append(TreeLine(level, _cut(text), cells, hot))
         if leaf:
@@ -167,6 +169,10 @@ def tree_lines(run: RunData, depth: int | None = None, sort: str = "model") -> t
 
 def _count_below(node: Node) -> int:
     return sum(1 + _count_below(child) for child in node.children)
+
+
+def _names_below(node: Node) -> list[str]:
+    return [name for child in node.children for name in (child.name, *_names_below(child))]
 
 
 def _cut(text: str) -> str:

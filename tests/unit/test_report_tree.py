@@ -161,3 +161,19 @@ def test_a_module_that_full_backward_hooks_skipped_is_flagged_with_the_reason(tm
     assert _line(lines, "(1): ReLU(inplace=True)").rstrip().endswith("full backward hooks skipped (inplace=True)")
     assert _line(lines, "(0): Linear").rstrip().endswith("skipped (no input requires grad)")
     assert "skipped" not in _line(lines, "(2): Linear")
+
+
+def test_a_folded_module_says_how_many_below_were_never_called() -> None:
+    from hooktrace.report.load import RunData
+
+    model = [
+        {"module": "M", "type": "M", "parent": None, "key": ""},
+        {"module": "attn", "type": "MultiheadAttention", "parent": "M", "key": "attn"},
+        {"module": "attn.out_proj", "type": "Linear", "parent": "attn", "key": "out_proj"},
+        {"module": "attn.q", "type": "Linear", "parent": "attn", "key": "q"},
+    ]
+    run = RunData(run_dir="x", summary={"model": model, "never_called": ["attn.out_proj"]}, steps={}, modules=[])
+    folded = [line.text for line in tree_lines(run, depth=1)[0]]
+    assert folded == ["M(", "(attn): MultiheadAttention(...)  [2 modules below, 1 never called]", ")"]
+    unfolded = [line.text for line in tree_lines(run)[0]]
+    assert "(out_proj): Linear()" in unfolded and "(q): Linear()" in unfolded
