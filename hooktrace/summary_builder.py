@@ -70,7 +70,8 @@ def model_structure(
             "module": info.display,
             "type": info.type_name,
             "parent": table.infos[info.parent].display if info.parent >= 0 else None,
-            "key": info.name.rsplit(".", 1)[-1] if info.name else "",
+            # a child whose name is all wrapper (DDP's inner model) is shown as print(ddp) shows it
+            "key": info.name.rsplit(".", 1)[-1] if info.name else ("module" if info.parent >= 0 else ""),
             "extra_repr": extra,
             "trainable": trainable,
             "frozen": frozen,
