@@ -84,6 +84,11 @@ def shown_ranks(run: RunData) -> list[int]:
     return [*keep, straggler] if straggler is not None and straggler not in keep else ranks[:MAX_RANK_CHARTS]
 
 
+def _phases(line: dict[str, Any]) -> dict[str, float | None]:
+    """A step's phases (a value is None where it was not finite: JSON has no NaN)."""
+    return line.get("phases") or {}
+
+
 def step_figure(run: RunData, rank: int) -> Figure:
     """One rank's step time over steps, stacked by phase, with its events marked."""
     lines = run.steps.get(rank, [])
@@ -92,11 +97,11 @@ def step_figure(run: RunData, rank: int) -> Figure:
     data: list[dict[str, Any]] = []
     for phase in (*PHASES, "other"):
         if phase == "other":
-            ys = [max(0.0, s["duration_s"] - sum(s.get("phases", {}).values())) * 1e3 for s in lines]
+            ys = [max(0.0, (s["duration_s"] or 0.0) - sum(v or 0.0 for v in _phases(s).values())) * 1e3 for s in lines]
         else:
-            if not any(phase in s.get("phases", {}) for s in lines):
+            if not any(phase in _phases(s) for s in lines):
                 continue
-            ys = [s.get("phases", {}).get(phase, 0.0) * 1e3 for s in lines]
+            ys = [(_phases(s).get(phase) or 0.0) * 1e3 for s in lines]
         bx, by = _reduce(xs, list(ys), size)
         data.append(
             {
@@ -110,7 +115,7 @@ def step_figure(run: RunData, rank: int) -> Figure:
                 "hovertemplate": f"step %{{x}}<br>{phase} %{{y:.3f}} ms",
             }
         )
-    marks = [(s["step"], s["duration_s"] * 1e3, e) for s in lines for e in s.get("events") or []][:MAX_EVENTS]
+    marks = [(s["step"], (s["duration_s"] or 0.0) * 1e3, e) for s in lines for e in s.get("events") or []][:MAX_EVENTS]
     for kind in sorted({e["kind"] for _, _, e in marks}):
         these = [(x, y, e) for x, y, e in marks if e["kind"] == kind]
         data.append(
@@ -130,7 +135,7 @@ def step_figure(run: RunData, rank: int) -> Figure:
         )
     note = f" (mean of every {size} steps)" if size > 1 else ""
     yaxis: dict[str, Any] = {"title": {"text": "ms"}}
-    durations = sorted(s["duration_s"] * 1e3 for s in lines)
+    durations = sorted((s["duration_s"] or 0.0) * 1e3 for s in lines)
     if durations:
         typical = durations[int(0.98 * (len(durations) - 1))]
         if durations[-1] > 3 * typical > 0:  # a few huge steps would flatten the rest: zoom out to see them

@@ -57,10 +57,11 @@ def rank_breakdown(run: RunData) -> list[dict[str, Any]]:
         lines = steady_lines(run.steps.get(rank, []))
         phases: dict[str, float] = {}
         for phase in PHASES:
-            value = median([s["phases"][phase] for s in lines if phase in s.get("phases", {})])
+            value = median([v for s in lines if (v := (s.get("phases") or {}).get(phase)) is not None])
             if value is not None:
                 phases[phase] = value
-        out.append({"rank": rank, "step_time_s": median([s["duration_s"] for s in lines]), "phases": phases})
+        durations = [s["duration_s"] for s in lines if s.get("duration_s") is not None]
+        out.append({"rank": rank, "step_time_s": median(durations), "phases": phases})
     return out
 
 
@@ -161,7 +162,7 @@ def header(run: RunData) -> dict[str, Any]:
     wall = None
     for lines in run.steps.values():
         if lines and "duration_s" in lines[0]:
-            span = sum(s.get("duration_s", 0.0) for s in lines)
+            span = sum(s.get("duration_s") or 0.0 for s in lines)
             wall = span if wall is None else max(wall, span)
     return {
         "run_id": run.run_id,

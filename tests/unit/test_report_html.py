@@ -130,3 +130,25 @@ def test_ranks_are_drawn_side_by_side_and_the_straggler_is_named_with_its_module
     assert forward["x"] == ["rank 0", "rank 1"] and forward["y"] == [5.0, 13.0]
     assert "Straggler: rank 1</b>, busy 1.80x the median rank" in page
     assert "<td>backward</td><td>enc.3</td><td>4.00 ms</td>" in page
+
+
+def test_a_non_finite_step_is_marked_and_its_null_numbers_draw_as_gaps() -> None:
+    lines: list[dict[str, Any]] = [
+        {"step": s, "rank": 0, "duration_s": 0.01, "phases": {"forward": 0.004, "backward": 0.005},
+         "grad_norm": 2.0, "grad_norm_ratio": 1.0, "events": []}
+        for s in range(1, 6)
+    ]  # fmt: skip
+    lines[3].update(
+        phases={"forward": None, "backward": 0.005},
+        grad_norm=None,
+        grad_norm_ratio=None,
+        events=[{"kind": "nonfinite", "module": "fc", "first_module": "fc", "phase": "forward", "value": None}],
+    )
+    run = RunData(run_dir="/nonexistent/nan", summary={}, steps={0: lines}, modules=[])
+    data = json.loads(re.search(r"id='hooktrace-figures'>(.*?)</script>", build_html(run), re.S).group(1))  # type: ignore[union-attr]
+    marks = next(t for t in data["steps-rank0"]["data"] if t["name"] == "nonfinite")
+    assert marks["x"] == [4] and "nonfinite fc (forward)" in marks["text"][0]
+    forward = next(t for t in data["steps-rank0"]["data"] if t["name"] == "forward")
+    assert forward["y"] == [4.0, 4.0, 4.0, 0.0, 4.0]
+    norm = data["grad-norm"]["data"][0]
+    assert norm["y"] == [2.0, 2.0, 2.0, None, 2.0]
