@@ -174,7 +174,7 @@ def load_run(run_dir: str) -> RunData:
                 "end cleanly; module medians are from its last checkpoint"
             )
         if not summary.get("model"):
-            missing.append("no model structure in summary.json (written by hooktrace >= 0.1 at attach)")
+            missing.append("no model structure in summary.json (a run from an older hooktrace)")
     unclosed = [r for r, path in sorted(traces.items()) if not _closed(path)]
     if unclosed:
         ranks = ", ".join(map(str, unclosed))
