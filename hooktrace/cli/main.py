@@ -143,6 +143,8 @@ def report(
     """
     from hooktrace.report.load import ReportError, load_run
 
+    if not tree and (depth is not None or sort != "model"):
+        raise click.UsageError("--depth and --sort shape the --tree output: add --tree")
     if html_path is None and not tree:
         _print_summary(run_dir, top, as_json)
         return

@@ -177,3 +177,8 @@ def test_a_folded_module_says_how_many_below_were_never_called() -> None:
     assert folded == ["M(", "(attn): MultiheadAttention(...)  [2 modules below, 1 never called]", ")"]
     unfolded = [line.text for line in tree_lines(run)[0]]
     assert "(out_proj): Linear()" in unfolded and "(q): Linear()" in unfolded
+
+
+def test_depth_without_tree_is_a_usage_error(run_dir: Path) -> None:
+    result = CliRunner().invoke(cli, ["report", str(run_dir), "--depth", "2"])
+    assert result.exit_code == 2 and "add --tree" in result.output
