@@ -139,17 +139,17 @@ def make_forward_hooks(rec: Recorder, index: int, tensor_backward: bool) -> tupl
             return None
         start = _now()
         buf = rec.buf
+        memory = rec.memory
+        pop = memory is not None and memory.depth > 0  # a saved-tensor pair may be ours to pop
         try:
             events = buf.events
-            memory = rec.memory
             if len(events) >= MAX_EVENTS_PER_STEP:
                 buf.dropped_events += 1
-                if memory is not None and memory.depth:
-                    memory.exit(buf, index)
                 return None
             events.append((FWD_END, index, 0, rec.stamp()))
-            if memory is not None and memory.depth:
-                memory.exit(buf, index)  # after the stamp: the pop is not the module's time
+            if pop:
+                pop = False
+                memory.exit(buf, index)  # type: ignore[union-attr]  # after the stamp: not the module's time
             if not (_grad_enabled() and _graph_task_id() == -1):
                 return None  # eval and checkpoint-recompute calls: timing only
             if rec.preflight is not None:
@@ -174,6 +174,12 @@ def make_forward_hooks(rec: Recorder, index: int, tensor_backward: bool) -> tupl
                     unwatch_inputs(buf, args, index, call)
         except Exception as exc:
             rec.hook_error(exc)
+        finally:
+            if pop:  # an early return or an error came first: a pushed pair must never stay
+                try:
+                    memory.exit(buf, index)  # type: ignore[union-attr]
+                except Exception as exc:
+                    rec.hook_error(exc)
         buf.hook_ns += _now() - start
         return None
 

@@ -41,6 +41,9 @@ _hooks_enabled = _autograd._saved_tensors_hooks_is_enabled  # type: ignore[attr-
 UNMEASURED = -1
 """``bytes`` of a save whose storage could not be read (a tensor subclass without storage)."""
 
+MAX_ABOVE = 8
+"""Pairs of others popped (and pushed back) to reach ours at a post-hook (see ``exit``)."""
+
 _CHECKPOINT_PACK = "_checkpoint_hook."
 """``__qualname__`` prefix of torch.utils.checkpoint's forward pack hook (non-reentrant)."""
 
@@ -164,16 +167,27 @@ class SavedTensors:
         self.depth += 1
 
     def exit(self, buf: StepBuffer, index: int) -> None:
-        """Forward post-hook: pop this call's pair when it is the innermost (it is, unless the
-        module's own code left a pair of its own pushed; ours then stays until ``unwind``)."""
+        """Forward post-hook: pop this call's pair. Post-hooks run in registration order, not in
+        reverse: another pusher's pre-hook registered after ours (a second agent) pushed above
+        ours and pops after us. Then the pairs above ours are popped, ours too, and theirs pushed
+        back in their order, so each pops its own (``MAX_ABOVE`` at most, else ours stays)."""
         stack = self._stack()
         if not stack or stack[-1][0] != index:
             return
-        top = _top(False)
         entry = stack[-1]
-        if top is None or top[0] is not entry[1]:
+        above: list[tuple[Any, Any]] = []
+        top = _top(False)
+        while top is not None and top[0] is not entry[1] and len(above) < MAX_ABOVE:
+            above.append(top)
+            _pop()
+            top = _top(False)
+        found = top is not None and top[0] is entry[1]
+        if found:
+            _pop()
+        for pack, unpack in reversed(above):
+            _push(pack, unpack)
+        if not found:
             return
-        _pop()
         stack.pop()
         self.depth -= 1
         cuda = self.cuda

@@ -269,3 +269,44 @@ def test_a_left_over_pair_is_popped_at_the_next_sampled_step(tmp_path: Path) -> 
         opt.zero_grad()
     agent.close()
     assert _top_hooks(False) is None
+
+
+def test_a_hook_error_after_the_push_still_pops_the_pair(tmp_path: Path) -> None:
+    model = _mlp()
+    agent = hooktrace.attach(model, out=str(tmp_path), metrics_port=0, sample_every=1)
+
+    def explode() -> int:
+        raise RuntimeError("clock broke")
+
+    agent.recorder.stamp = explode  # raises in every hook, after the pre-hook's push
+    _losses(model, 2)
+    summary = agent.close()
+    assert summary.ranks[0]["hook_errors"] > 0
+    assert _top_hooks(False) is None
+
+
+def test_a_pair_pushed_above_ours_by_a_later_pre_hook_is_kept_and_ours_popped(tmp_path: Path) -> None:
+    """Post-hooks run in registration order: a pre-hook registered after ours pushes above ours
+    and its post-hook pops after ours."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh())
+    agent = hooktrace.attach(model, out=str(tmp_path), metrics_port=0, sample_every=1)
+    model(torch.randn(2, 8)).sum().backward()  # step 1: our hooks are in place from now on
+    seen: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        seen.append(1)
+        return t.detach()
+
+    def pre(module: nn.Module, args: Any) -> None:
+        torch._C._autograd._push_saved_tensors_default_hooks(pack, lambda t: t)
+
+    def post(module: nn.Module, args: Any, output: Any) -> None:
+        torch._C._autograd._pop_saved_tensors_default_hooks()
+
+    handles = [model[1].register_forward_pre_hook(pre), model[1].register_forward_hook(post)]
+    model(torch.randn(2, 8)).sum().backward()
+    for handle in handles:
+        handle.remove()
+    agent.close()
+    assert seen == [1]  # Tanh's output went to the innermost pair, the user's
+    assert _top_hooks(False) is None
