@@ -137,12 +137,15 @@ def tree_lines(run: RunData, depth: int | None = None, sort: str = "model") -> t
         entry = node.entry
         extra_lines = (entry.get("extra_repr") or "").split("\n")
         multi = len(extra_lines) > 1
-        leaf = not children and not multi
+        folded = not children and bool(node.children)
+        leaf = folded or (not children and not multi)
         text = _label(entry, leaf)
-        if not children and node.children:  # cut by --depth: say how much is folded
+        if folded:  # cut by --depth: say how much is folded
+            inner = f"{extra_lines[0]}, ..." if extra_lines[0] and not multi else "..."
+            text = _label({**entry, "extra_repr": inner}, True)
             below = _count_below(node)
             unused = sum(1 for name in _names_below(node) if name in never)
-            text = f"{text[:-1]}...)  [{below} module{'s' if below != 1 else ''} below"
+            text += f"  [{below} module{'s' if below != 1 else ''} below"
             text += f", {unused} never called]" if unused else "]"
         cells, hot = _cells(node, times.get(node.name), norms.get(node.name), step, never, skipped)
         lines.append(TreeLine(level, _cut(text), cells, hot))

@@ -185,6 +185,13 @@ def test_a_folded_module_says_how_many_below_were_never_called() -> None:
     assert folded == ["M(", "(attn): MultiheadAttention(...)  [2 modules below, 1 never called]", ")"]
     unfolded = [line.text for line in tree_lines(run)[0]]
     assert "(out_proj): Linear()" in unfolded and "(q): Linear()" in unfolded
+    model[1]["extra_repr"] = "heads=4"
+    model.append({"module": "multi", "type": "Custom", "parent": "M", "key": "multi", "extra_repr": "a=1\nb=2"})
+    folded = [line.text for line in tree_lines(run, depth=1)[0]]
+    assert folded[1] == "(attn): MultiheadAttention(heads=4, ...)  [2 modules below, 1 never called]"
+    unfolded = [(line.depth, line.text) for line in tree_lines(run)[0]]
+    assert unfolded[1:3] == [(1, "(attn): MultiheadAttention("), (2, "heads=4")]  # as print(model) puts it
+    assert unfolded[-5:] == [(1, "(multi): Custom("), (2, "a=1"), (2, "b=2"), (1, ")"), (0, ")")]
 
 
 def test_depth_without_tree_is_a_usage_error(run_dir: Path) -> None:
