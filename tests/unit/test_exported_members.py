@@ -19,6 +19,7 @@ def test_all_is_sorted_and_names_every_public_member() -> None:
         "summary_builder",
         "assets",
         "report",
+        "slowest_rank",
     }
     assert set(hooktrace.__all__) - {"__version__"} == public - modules
 
