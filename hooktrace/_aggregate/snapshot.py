@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 STEP_BUCKETS: tuple[float, ...] = tuple(0.001 * 2**k for k in range(17))
 """Step and phase histogram upper bounds: x2 from 1 ms to ~64 s."""
 
-PHASE_BUCKETS: tuple[float, ...] = tuple(0.001 * 4**k for k in range(9))
-"""Phase histogram upper bounds: x4 from 1 ms to ~66 s. Coarser than the step's: every rank exports
-five of them, and dashboards and rules read only their ``_sum`` and ``_count``."""
+PHASE_BUCKETS: tuple[float, ...] = ()
+"""Phase histograms have no finite buckets (only ``+Inf``, ``_sum`` and ``_count``): every rank
+exports five of them, and dashboards and rules read only their ``_sum`` and ``_count`` (README
+"Scale"). The step histogram keeps its buckets for its p90."""
 
 MODULE_TYPE_BUCKETS: tuple[float, ...] = tuple(1e-6 * 4**k for k in range(13))
 """Per-module-type histogram upper bounds: x4 from 1 us to ~16 s."""
