@@ -12,7 +12,7 @@ import math
 from typing import Any
 
 from hooktrace.report.load import RunData
-from hooktrace.report.rows import PHASES, first_rank_lines, module_norms, module_times, rank_breakdown
+from hooktrace.report.rows import PHASES, module_norms, module_times, rank_breakdown
 from hooktrace.report.tree import natural_key, synthetic_structure
 
 MAX_POINTS = 2000
@@ -40,12 +40,12 @@ EVENT_SYMBOLS = {"grad_spike": "triangle-up", "nonfinite": "x", "grad_clip": "di
 Figure = dict[str, Any]
 
 
-def _r(value: float | None) -> float | None:
+def rnd(value: float | None) -> float | None:
     """Six significant digits: the file stays small, the hover stays exact enough."""
     return None if value is None or not math.isfinite(value) else float(f"{value:.6g}")
 
 
-def _layout(title: str, **extra: Any) -> dict[str, Any]:
+def layout(title: str, **extra: Any) -> dict[str, Any]:
     layout: dict[str, Any] = {
         "title": {"text": title, "font": {"size": 15}},
         "margin": {"l": 60, "r": 20, "t": 70, "b": 45},
@@ -62,15 +62,15 @@ def buckets(n: int, limit: int = MAX_POINTS) -> int:
     return max(1, math.ceil(n / limit))
 
 
-def _reduce(xs: list[int], ys: list[float | None], size: int, how: str = "mean") -> tuple[list[int], list[Any]]:
+def reduce_series(xs: list[int], ys: list[float | None], size: int, how: str = "mean") -> tuple[list[int], list[Any]]:
     if size == 1:
-        return xs, [_r(y) for y in ys]
+        return xs, [rnd(y) for y in ys]
     out_x, out_y = [], []
     for start in range(0, len(xs), size):
         chunk = [y for y in ys[start : start + size] if y is not None]
         out_x.append(xs[start])
         value = (max(chunk) if how == "max" else sum(chunk) / len(chunk)) if chunk else None
-        out_y.append(_r(value))
+        out_y.append(rnd(value))
     return out_x, out_y
 
 
@@ -102,7 +102,7 @@ def step_figure(run: RunData, rank: int) -> Figure:
             if not any(phase in _phases(s) for s in lines):
                 continue
             ys = [(_phases(s).get(phase) or 0.0) * 1e3 for s in lines]
-        bx, by = _reduce(xs, list(ys), size)
+        bx, by = reduce_series(xs, list(ys), size)
         data.append(
             {
                 "type": "scatter",
@@ -124,7 +124,7 @@ def step_figure(run: RunData, rank: int) -> Figure:
                 "mode": "markers",
                 "name": kind,
                 "x": [x for x, _, _ in these],
-                "y": [_r(y) for _, y, _ in these],
+                "y": [rnd(y) for _, y, _ in these],
                 "marker": {"symbol": EVENT_SYMBOLS.get(kind, "star"), "size": 10, "color": "#000"},
                 "text": [
                     f"{kind} {e.get('first_module', e.get('module', ''))} ({e.get('phase', '')}) {e.get('value')}"
@@ -139,11 +139,11 @@ def step_figure(run: RunData, rank: int) -> Figure:
     if durations:
         typical = durations[int(0.98 * (len(durations) - 1))]
         if durations[-1] > 3 * typical > 0:  # a few huge steps would flatten the rest: zoom out to see them
-            yaxis["range"] = [0, _r(typical * 1.5)]
+            yaxis["range"] = [0, rnd(typical * 1.5)]
             note += f"; y cut at {typical * 1.5:.3g} ms (double-click to see all, up to {durations[-1]:.3g} ms)"
     return {
         "data": data,
-        "layout": _layout(
+        "layout": layout(
             f"Rank {rank}: step time by phase{note}; events marked",
             xaxis={"title": {"text": "step"}, "rangeslider": {"visible": len(xs) > 200}},
             yaxis=yaxis,
@@ -164,7 +164,7 @@ def module_bars(run: RunData, phase: str) -> Figure:
             "orientation": "h",
             "name": "self",
             "y": names,
-            "x": [_r(t.self_s.get(phase, 0) * 1e3) for t in top],
+            "x": [rnd(t.self_s.get(phase, 0) * 1e3) for t in top],
             "marker": {"color": PHASE_COLORS[phase]},
             "hovertemplate": "%{y}<br>self %{x:.3f} ms<extra></extra>",
         },
@@ -173,14 +173,14 @@ def module_bars(run: RunData, phase: str) -> Figure:
             "orientation": "h",
             "name": "inclusive",
             "y": names,
-            "x": [_r(t.total_s[phase] * 1e3) for t in top],
+            "x": [rnd(t.total_s[phase] * 1e3) for t in top],
             "marker": {"color": LIGHT[phase]},
             "hovertemplate": "%{y}<br>inclusive %{x:.3f} ms<extra></extra>",
         },
     ]
     return {
         "data": data,
-        "layout": _layout(
+        "layout": layout(
             f"Slowest modules, {phase} (top {len(top)} of {len(times)}; median ms per step)",
             barmode="group",
             height=max(300, 28 * len(top) + 120),
@@ -226,25 +226,25 @@ def icicle_figure(run: RunData) -> Figure:
             "ids": [e["module"] for e in entries],
             "labels": [e["module"].rsplit(".", 1)[-1] + f" ({e['type']})" for e in entries],
             "parents": [e.get("parent") or "" for e in entries],
-            "values": [_r(v) for v in self_ms],
+            "values": [rnd(v) for v in self_ms],
             "branchvalues": "remainder",
             "maxdepth": 5,
             "tiling": {"orientation": "v"},
             "marker": {
-                "colors": [_r(v) for v in inclusive],
+                "colors": [rnd(v) for v in inclusive],
                 "colorscale": "YlOrRd",
                 "reversescale": True,  # plotly.js lists YlOrRd dark first: the slow modules in red
                 "showscale": True,
                 "colorbar": {"title": {"text": "ms with children"}},
             },
-            "customdata": [[_r(a), _r(b)] for a, b in zip(self_ms, inclusive, strict=True)],
+            "customdata": [[rnd(a), rnd(b)] for a, b in zip(self_ms, inclusive, strict=True)],
             "hovertemplate": "%{id}<br>self %{customdata[0]:.3f} ms<br>with children %{customdata[1]:.3f} ms"
             "<extra></extra>",
         }
     ]
     return {
         "data": data,
-        "layout": _layout(f"Module tree sized by time per step, forward + backward{note}; click to zoom", height=520),
+        "layout": layout(f"Module tree sized by time per step, forward + backward{note}; click to zoom", height=520),
     }
 
 
@@ -266,138 +266,6 @@ def _inclusive_ms(entries: list[dict[str, Any]], times: dict[str, Any]) -> list[
     return [total(e["module"]) for e in entries]
 
 
-def grad_norm_figure(run: RunData) -> Figure:
-    """Total gradient norm, its rolling median and the spike threshold (factor x median)."""
-    lines = [s for s in first_rank_lines(run) if "grad_norm" in s]
-    factor = float(run.config.get("explode_factor", 10.0))
-    xs = [s["step"] for s in lines]
-    norms = [s.get("grad_norm") for s in lines]
-    medians = [
-        s["grad_norm"] / s["grad_norm_ratio"] if s.get("grad_norm") and s.get("grad_norm_ratio") else None
-        for s in lines
-    ]
-    size = buckets(len(xs))
-    bx, by = _reduce(xs, norms, size, "max")
-    mx, my = _reduce(xs, medians, size)
-    data = [
-        {
-            "type": "scatter",
-            "mode": "lines",
-            "name": "total norm" + (" (max per bucket)" if size > 1 else ""),
-            "x": bx,
-            "y": by,
-            "line": {"color": "#1f77b4"},
-        },
-        {
-            "type": "scatter",
-            "mode": "lines",
-            "name": "rolling median",
-            "x": mx,
-            "y": my,
-            "line": {"color": "#555", "dash": "dot"},
-        },
-        {
-            "type": "scatter",
-            "mode": "lines",
-            "name": f"spike threshold ({factor:g} x median)",
-            "x": mx,
-            "y": [_r(v * factor) if v is not None else None for v in my],
-            "line": {"color": "#d62728", "dash": "dash"},
-        },
-    ]
-    spikes = [(s["step"], s.get("grad_norm")) for s in lines if any(e["kind"] == "grad_spike" for e in s["events"])]
-    if spikes:
-        data.append(
-            {
-                "type": "scatter",
-                "mode": "markers",
-                "name": "spike",
-                "x": [x for x, _ in spikes][:MAX_EVENTS],
-                "y": [_r(y) for _, y in spikes][:MAX_EVENTS],
-                "marker": {"color": "#d62728", "size": 9},
-            }
-        )
-    return {
-        "data": data,
-        "layout": _layout(
-            "Total gradient norm (log scale)",
-            xaxis={"title": {"text": "step"}},
-            yaxis={"type": "log", "title": {"text": "norm"}},
-        ),
-    }
-
-
-def heatmap_figure(run: RunData) -> Figure | None:
-    """Per-module gradient norms, module x step, log colour: vanishing and exploding layers."""
-    norms = module_norms(run)
-    if not norms:
-        return None
-    order = {e["module"]: i for i, e in enumerate(structure_of(run))}
-    modules = sorted(norms, key=lambda m: (order.get(m, len(order)), natural_key(m)))
-    steps = sorted({s for values in norms.values() for s, _ in values})
-    stride = buckets(len(steps), MAX_HEAT_STEPS)
-    steps = steps[::stride]
-    shown = modules[:MAX_HEAT_MODULES]
-    z = []
-    for module in shown:
-        values = dict(norms[module])
-        z.append([_r(math.log10(values[s])) if values.get(s) else None for s in steps])
-    cut = []
-    if len(modules) > len(shown):
-        cut.append(f"first {len(shown)} of {len(modules)} modules")
-    if stride > 1:
-        cut.append(f"every {stride}th recorded step")
-    data = [
-        {
-            "type": "heatmap",
-            "x": steps,
-            "y": shown,
-            "z": z,
-            "colorscale": "Viridis",
-            "colorbar": {"title": {"text": "log10 norm"}},
-            "hovertemplate": "%{y}<br>step %{x}<br>log10 norm %{z:.2f}<extra></extra>",
-        }
-    ]
-    return {
-        "data": data,
-        "layout": _layout(
-            "Gradient norm per module and step (log colour)" + (f" ({'; '.join(cut)})" if cut else ""),
-            height=max(320, 16 * len(shown) + 140),
-            xaxis={"title": {"text": "step (sampled or with an event)"}},
-            yaxis={"autorange": "reversed", "automargin": True, "type": "category"},
-        ),
-    }
-
-
-def flow_figure(run: RunData) -> Figure | None:
-    """Gradient flow: ||grad_output|| per module, from the input end to the output, per flow step."""
-    taken = [s for s in first_rank_lines(run) if s.get("output_grad_norms")][-MAX_FLOW_STEPS:]
-    if not taken:
-        return None
-    order = {e["module"]: i for i, e in enumerate(structure_of(run))}
-    data = []
-    for line in taken:
-        items = sorted(line["output_grad_norms"].items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0]))
-        data.append(
-            {
-                "type": "scatter",
-                "mode": "lines+markers",
-                "name": f"step {line['step']}",
-                "x": [k for k, _ in items],
-                "y": [_r(v) for _, v in items],
-            }
-        )
-    return {
-        "data": data,
-        "layout": _layout(
-            "Gradient flow: norm of each module's output gradient (log scale)",
-            yaxis={"type": "log", "title": {"text": "norm"}},
-            xaxis={"automargin": True, "type": "category"},
-            legend={"orientation": "v", "x": 1.01, "y": 1},  # clear of the slanted module names
-        ),
-    }
-
-
 def ranks_figure(run: RunData) -> Figure:
     """Each rank's median step, stacked by phase: ranks side by side."""
     rows = rank_breakdown(run)
@@ -410,13 +278,13 @@ def ranks_figure(run: RunData) -> Figure:
                     "type": "bar",
                     "name": phase,
                     "x": names,
-                    "y": [_r(r["phases"].get(phase, 0.0) * 1e3) for r in rows],
+                    "y": [rnd(r["phases"].get(phase, 0.0) * 1e3) for r in rows],
                     "marker": {"color": PHASE_COLORS[phase]},
                 }
             )
     return {
         "data": data,
-        "layout": _layout(
+        "layout": layout(
             "Ranks side by side: median step by phase (ms)", barmode="stack", yaxis={"title": {"text": "ms"}}
         ),
     }

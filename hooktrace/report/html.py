@@ -13,7 +13,7 @@ import os
 import time
 from typing import Any
 
-from hooktrace.report import figures
+from hooktrace.report import figures, grad_figures
 from hooktrace.report.load import ReportError, RunData
 from hooktrace.report.rows import fmt_s, header
 
@@ -151,8 +151,10 @@ def build_html(run: RunData) -> str:
     )
     sections.append(f"<section><h2>Slowest modules</h2><div class='two'>{bars}</div>")
     sections.append(chart("module-tree", figures.icicle_figure(run)) + "</section>")
-    health = chart("grad-norm", figures.grad_norm_figure(run)) + chart("grad-heatmap", figures.heatmap_figure(run))
-    flow = figures.flow_figure(run)
+    health = chart("grad-norm", grad_figures.grad_norm_figure(run)) + chart(
+        "grad-heatmap", grad_figures.heatmap_figure(run)
+    )
+    flow = grad_figures.flow_figure(run)
     health += chart("grad-flow", flow) if flow else "<p class='muted'>No gradient-flow step (--flow-every).</p>"
     sections.append(f"<section><h2>Gradient health</h2>{health}</section>")
     sections.append(f"<section><h2>Ranks</h2>{chart('ranks', figures.ranks_figure(run))}{_straggler(run)}</section>")

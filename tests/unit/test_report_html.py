@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from hooktrace.report import figures
+from hooktrace.report import figures, grad_figures
 from hooktrace.report.html import MAX_BYTES, build_html
 from hooktrace.report.load import ReportError, RunData
 
@@ -87,7 +87,7 @@ def test_ten_thousand_steps_and_a_thousand_modules_fit_the_budget_and_say_what_w
 
 def test_the_heatmap_is_a_log_scale_of_the_norms() -> None:
     run = _big_run()
-    heat = figures.heatmap_figure(run)
+    heat = grad_figures.heatmap_figure(run)
     assert heat is not None
     row = heat["data"][0]["z"][0]
     name = heat["data"][0]["y"][0]
