@@ -134,6 +134,8 @@ class MemoryStats:
 
     def summary(self, device: str) -> dict[str, Any]:
         """A rank's ``memory`` entry in ``summary.json``."""
+        if self.static is None and not self.activations:
+            return {"measured": "nothing (--memory off)"}
         out: dict[str, Any] = dict(self.static.totals()) if self.static is not None else {}
         ordered = sorted(self.activations)
         out["activations"] = ordered[len(ordered) // 2] if ordered else None

@@ -124,7 +124,8 @@ class SavedTensors:
         self.depth = 0
         """Pushes not popped yet, every thread: the post-hook's cheap test."""
         self.skip_modules: set[int] = set()
-        """Module indices never counted (a compiled module: Dynamo's graph saves, not the module)."""
+        """Module indices never counted (none by default: a compiled module's hooks run outside its
+        graph, so what the graph saves is counted as the module's, without a recompile)."""
         self.cuda: CudaMemory | None = None
 
     def _stack(self) -> list[list[Any]]:

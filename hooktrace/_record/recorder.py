@@ -210,8 +210,6 @@ class Recorder:
             self._full_hooks.append(make_full_backward_hooks(self, index))
             if self.backward == "full" and getattr(module, "inplace", False) is True:
                 self.full_skipped[index] = "inplace=True"
-            if self.memory is not None and type(module).__name__ == "OptimizedModule":
-                self.memory.skip_modules.add(index)  # its saves are Dynamo's graph's, not a module's
         return added
 
     def set_device_clock(self, clock: Clock) -> None:

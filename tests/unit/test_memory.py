@@ -310,3 +310,24 @@ def test_a_pair_pushed_above_ours_by_a_later_pre_hook_is_kept_and_ours_popped(tm
     agent.close()
     assert seen == [1]  # Tanh's output went to the innermost pair, the user's
     assert _top_hooks(False) is None
+
+
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")  # Dynamo's own tracing
+def test_a_compiled_submodule_is_measured_as_a_whole_without_a_recompile(tmp_path: Path) -> None:
+    import torch._dynamo.utils
+
+    def make() -> nn.Module:
+        model = _mlp()
+        model[2] = torch.compile(model[2], backend="aot_eager")  # type: ignore[assignment]
+        return model
+
+    torch._dynamo.reset()
+    bare = _losses(make(), 3)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    model = make()
+    agent = hooktrace.attach(model, out=str(tmp_path), metrics_port=0, sample_every=1)
+    traced = _losses(model, 3)
+    summary = agent.close()
+    assert torch.equal(torch.stack(bare), torch.stack(traced))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2 * graphs  # at most the copy's own: no recompile
+    assert _bytes(summary, "2")[0] == 16 * 64 * 4  # the compiled Linear saves its input
