@@ -43,54 +43,87 @@ class StepMemory:
     """Saves whose storage could not be read (tensor subclasses without storage)."""
 
 
-def _size(storages: _Storages) -> int:
-    return sum(storages.values())
+_EMPTY: _Storages = {}
+
+
+def _union(parts: list[_Storages]) -> int:
+    """Bytes of the union of several storage maps (one map: its own sum, no copy)."""
+    if len(parts) == 1:
+        return sum(parts[0].values())
+    merged: _Storages = {}
+    for part in parts:
+        merged.update(part)
+    return sum(merged.values())
 
 
 def step_memory(buf: StepBuffer, infos: list[ModuleInfo]) -> StepMemory:
-    """Inclusive and self bytes of every counted call of ``buf``, and their sums per module and label."""
+    """Inclusive and self bytes of every counted call of ``buf``, and their sums per module and label.
+
+    Worker thread, once per sampled step: maps are built only where a call saved something, and
+    unions only where several calls meet (a module called twice, a label shared by siblings)."""
     out = StepMemory()
     calls = buf.saved_calls
     params = buf.saved_params
-    own: list[_Storages] = []
-    for record in calls:
-        kept: _Storages = {}
-        for key, nbytes in record[5]:
-            if nbytes == UNMEASURED:
-                out.unmeasured += 1
-            elif key not in params:
-                kept[key] = nbytes
-        own.append(kept)
-    inclusive = [dict(kept) for kept in own]
-    children: list[_Storages] = [{} for _ in calls]
-    for pos in range(len(calls) - 1, -1, -1):  # pre-order positions: children after their parent
+    count = len(calls)
+    own: list[_Storages] = [_EMPTY] * count
+    for pos, record in enumerate(calls):
+        if record[5]:
+            kept: _Storages = {}
+            for key, nbytes in record[5]:
+                if nbytes == UNMEASURED:
+                    out.unmeasured += 1
+                elif key not in params:
+                    kept[key] = nbytes
+            own[pos] = kept
+    inclusive: list[_Storages] = [_EMPTY] * count
+    mine: list[_Storages] = [_EMPTY] * count
+    below: list[_Storages | None] = [None] * count  # union of the children's inclusive maps
+    sizes: list[tuple[int, int]] = [(0, 0)] * count
+    for pos in range(count - 1, -1, -1):  # pre-order positions: every child is done before its parent
+        mine_map, children = own[pos], below[pos]
+        if children is None:
+            whole = mine_map
+        else:
+            if mine_map:
+                mine_map = {key: n for key, n in mine_map.items() if key not in children}
+                children.update(mine_map)
+            whole = children
+        inclusive[pos], mine[pos] = whole, mine_map
+        sizes[pos] = (sum(whole.values()), sum(mine_map.values()))
         parent = calls[pos][3]
-        if 0 <= parent < pos:
-            inclusive[parent].update(inclusive[pos])
-            children[parent].update(inclusive[pos])
+        if whole and 0 <= parent < pos:
+            into = below[parent]
+            if into is None:
+                below[parent] = dict(whole)
+            else:
+                into.update(whole)
     backward_before = _backward_counts(buf)
-    groups: dict[tuple[int, str, int], tuple[_Storages, _Storages]] = {}
-    label_groups: dict[tuple[str, int], _Storages] = {}
-    totals: dict[int, _Storages] = {}
+    last = len(backward_before) - 1
+    groups: dict[tuple[int, str, int], list[int]] = {}
+    labels: dict[tuple[str, int], list[int]] = {}
+    roots: dict[int, list[int]] = {}
     for pos, record in enumerate(calls):
         index, call, kind, parent = record[0], record[1], record[2], record[3]
-        mine = {key: n for key, n in own[pos].items() if key not in children[pos]}
-        out.calls[(index, call)] = (_size(inclusive[pos]), _size(mine), record[6])
-        group = backward_before[min(record[4], len(backward_before) - 1)]
-        entry = groups.setdefault((index, FORWARD_KIND_PHASE[kind], group), ({}, {}))
-        entry[0].update(inclusive[pos])
-        entry[1].update(mine)
+        out.calls[(index, call)] = (*sizes[pos], record[6])
+        group = backward_before[min(record[4], last)]
+        groups.setdefault((index, FORWARD_KIND_PHASE[kind], group), []).append(pos)
         if kind == FWD_TRAIN:
-            if index < len(infos):
-                label_groups.setdefault((infos[index].label, group), {}).update(inclusive[pos])
+            label = infos[index].label if index < len(infos) else ""
+            above = calls[parent][0] if parent >= 0 else -1
+            if not (0 <= above < len(infos) and infos[above].label == label):  # else its parent covers it
+                labels.setdefault((label, group), []).append(pos)
             if parent < 0:
-                totals.setdefault(group, {}).update(inclusive[pos])
-    for (index, phase, _), (incl, mine) in groups.items():
+                roots.setdefault(group, []).append(pos)
+    for (index, phase, _), where in groups.items():
+        if len(where) == 1:
+            figures = sizes[where[0]]
+        else:
+            figures = (_union([inclusive[p] for p in where]), _union([mine[p] for p in where]))
         old = out.modules.get((index, phase), (0, 0))
-        out.modules[(index, phase)] = (max(old[0], _size(incl)), max(old[1], _size(mine)))
-    for (label, _), storages in label_groups.items():
-        out.labels[label] = max(out.labels.get(label, 0), _size(storages))
-    out.total = max((_size(storages) for storages in totals.values()), default=0)
+        out.modules[(index, phase)] = (max(old[0], figures[0]), max(old[1], figures[1]))
+    for (label, _), where in labels.items():
+        out.labels[label] = max(out.labels.get(label, 0), _union([inclusive[p] for p in where]))
+    out.total = max((_union([inclusive[p] for p in where]) for where in roots.values()), default=0)
     return out
 
 
