@@ -1,9 +1,10 @@
 """What activation memory per module (``--memory on``, the default) costs a sampled step.
 
-Two copies of each workload, both attached with ``--sample-every 1 --flow-every 0`` (every step a
-sampled step), one with ``--memory on``, one with ``--memory off``, timed in interleaved blocks; the
-median difference is what the saved-tensor hooks add to a sampled step (push and pop per module
-call, one pack per saved tensor, one unpack per saved tensor in backward). Beside it, the time spent
+Each workload attached with ``--sample-every 1 --flow-every 0`` (every step a sampled step), timed
+in interleaved blocks with memory tracking switched on and off on the same model and agent (copies
+of a model differ by a few percent on their own); the median difference is what memory tracking
+adds to a sampled step: a push and a pop per module call, one pack per saved tensor, one unpack per
+saved tensor in backward, and the worker's aggregation (it shares the GIL with training). Beside it, the time spent
 inside those hooks (exact, measured where they run), how many saves and module calls a step has,
 and the share of step time at the default ``--sample-every 10``.
 
@@ -74,33 +75,35 @@ def _wrapped(hooks: Timer, packs: Timer, unpacks: Timer) -> Callable[[], None]:
 
 
 def measure(name: str, rounds: int, block: int) -> str:
-    steps: dict[str, Callable[[], None]] = {}
-    agents = []
-    for mode in ("on", "off"):
-        model, step = workload(name)
-        out = tempfile.mkdtemp(prefix="hooktrace-bench-memory-")
-        agents.append(
-            hooktrace.attach(
-                model, out=out, metrics_port=0, write_files=False, sample_every=1, flow_every=0, memory=mode
-            )
-        )
-        steps[mode] = step
-        block_us(step, 5)  # warm-up
-    times: dict[str, list[float]] = {"on": [], "off": []}
+    model, step = workload(name)
+    out = tempfile.mkdtemp(prefix="hooktrace-bench-memory-")
+    agent = hooktrace.attach(model, out=out, metrics_port=0, write_files=False, sample_every=1, flow_every=0)
+    saved = agent.recorder.memory
+    block_us(step, 5)  # warm-up
+
+    def switch(on: bool) -> None:
+        """The same model and agent with memory tracking on or off (hooks and worker alike)."""
+        agent.worker.wait_idle(10.0)
+        agent.recorder.memory = saved if on else None
+        agent.worker.processor.saved = saved if on else None
+
+    times: dict[bool, list[float]] = {True: [], False: []}
     for _ in range(rounds):
-        for mode in ("on", "off"):
-            times[mode].append(block_us(steps[mode], block))
+        for on in (True, False):
+            switch(on)
+            times[on].append(block_us(step, block))
+    switch(True)
     hooks, packs, unpacks = Timer(), Timer(), Timer()
     restore = _wrapped(hooks, packs, unpacks)  # after the comparison: the timers cost time too
     try:
         measured = max(1, rounds // 2) * block
-        block_us(steps["on"], measured)
+        block_us(step, measured)
     finally:
         restore()
-    summaries = [agent.close() for agent in agents]
-    on, off = statistics.median(times["on"]), statistics.median(times["off"])
+    summary = agent.close()
+    on, off = statistics.median(times[True]), statistics.median(times[False])
     inside = (hooks.ns + packs.ns + unpacks.ns) / measured / 1e3
-    activations = summaries[0].ranks[0]["memory"].get("activations") or 0
+    activations = summary.ranks[0]["memory"].get("activations") or 0
     return (
         f"memory {name:<16} sampled step {on / 1e3:.2f} ms with --memory on, {off / 1e3:.2f} ms off: "
         f"{on - off:+.0f} us ({(on / off - 1) * 100:+.1f} %) | inside the memory hooks {inside:.0f} us per sampled "
