@@ -106,6 +106,8 @@ class ModuleStats:
     activation_last: tuple[int, int] | None = None
     """(inclusive, self) bytes of the latest measured step, whatever its kind."""
     activation_max: int = 0
+    allocated_delta: int | None = None
+    """CUDA: allocated bytes after minus before the module's calls, latest sampled step (summed over calls)."""
 
     def observe_bytes(self, kind: str, inclusive: int, own: int) -> None:
         """Fold one step's activation bytes in (medians over steady steps, like times)."""
@@ -168,6 +170,8 @@ class ModuleStats:
             row["activation_bytes"] = inclusive
             row["self_activation_bytes"] = own_bytes
             row["activation_bytes_max"] = self.activation_max
+        if self.allocated_delta is not None:
+            row["allocated_delta_bytes"] = self.allocated_delta
         return row
 
 
@@ -224,6 +228,12 @@ class ModuleTimes:
             entry[2] += 1
         hidden = covered(record.spans) if kind == STEADY else set()
         measured = record.activation_bytes is not None
+        deltas: dict[tuple[int, str], int] = {}
+        for span in record.spans:
+            if span.allocated_delta is not None:
+                deltas[(span.index, span.phase)] = deltas.get((span.index, span.phase), 0) + span.allocated_delta
+        for key, delta in deltas.items():
+            self.stats[key].allocated_delta = delta
         for key, (total_ns, self_ns, calls) in per_step.items():
             stats = self.stats[key]
             stats.observe(kind, total_ns, self_ns, calls, key not in hidden)

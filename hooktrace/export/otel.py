@@ -487,6 +487,8 @@ class _StepSpans:
             }
             if m.activation_bytes is not None:  # --memory on: bytes this call saved for backward
                 attrs["hooktrace.activation_bytes"] = m.activation_bytes
+            if m.allocated_delta is not None:  # CUDA: the allocator's allocated bytes after - before
+                attrs["hooktrace.allocated_delta_bytes"] = m.allocated_delta
             span = self._start(f"{m.phase} {m.module}", p_span, s, e, attrs)
             self.by_module.setdefault(m.index, []).append((s, e, m.phase, span))
             self.by_name.setdefault(m.module, []).append((m, span, e))

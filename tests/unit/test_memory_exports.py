@@ -111,6 +111,8 @@ def test_cuda_peaks_reach_steps_jsonl_the_summary_and_the_gauges(tmp_path: Path)
     cuda = summary.ranks[0]["memory"]["cuda"]
     assert cuda["device_total"] == 80 * 1024**3
     assert max(v["allocated_peak"] for v in cuda["phases"].values()) == 1000 + 10 * MIB
+    gelu = next(m for m in summary.modules if m["module"] == "1" and m["phase"] == "forward")
+    assert gelu["allocated_delta_bytes"] == 0  # the fake allocator moves only between steps
     gauges = agent.stats.memory.gauges()
     assert gauges["reserved"] == 4000 and gauges["device_total"] == 80 * 1024**3
     assert "CUDA peak allocated" in summary.render()
