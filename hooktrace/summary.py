@@ -222,7 +222,8 @@ def module_lines(modules: list[dict[str, Any]], top: int = 10) -> list[str]:
     return [title, *_aligned(cells, {0, 4})]
 
 
-def _bytes(n: float | None) -> str:
+def fmt_bytes(n: float | None) -> str:
+    """``1.2 MiB``: bytes for people (binary units); ``-`` for None."""
     if n is None:
         return "-"
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -241,16 +242,18 @@ def memory_lines(summary: RunSummary, top: int = 5) -> list[str]:
         if "parameters" not in m:
             continue
         line = (
-            f"Memory (rank {r['rank']}): parameters {_bytes(m['parameters'])}, gradients {_bytes(m['gradients'])}, "
-            f"optimizer state {_bytes(m['optimizer_state'])}, activations {_bytes(m.get('activations'))} "
-            f"per sampled step (largest {_bytes(m.get('activations_max'))})"
+            f"Memory (rank {r['rank']}): parameters {fmt_bytes(m['parameters'])}, "
+            f"gradients {fmt_bytes(m['gradients'])}, "
+            f"optimizer state {fmt_bytes(m['optimizer_state'])}, activations {fmt_bytes(m.get('activations'))} "
+            f"per sampled step (largest {fmt_bytes(m.get('activations_max'))})"
         )
         cuda = m.get("cuda")
         if cuda:
             phases = cuda.get("phases", {})
-            peaks = ", ".join(f"{phase} {_bytes(v['allocated_peak'])}" for phase, v in phases.items())
+            peaks = ", ".join(f"{phase} {fmt_bytes(v['allocated_peak'])}" for phase, v in phases.items())
             reserved = max((v["reserved_peak"] for v in phases.values()), default=None)
-            line += f"; CUDA peak allocated: {peaks}; reserved {_bytes(reserved)} of {_bytes(cuda.get('device_total'))}"
+            total = fmt_bytes(cuda.get("device_total"))
+            line += f"; CUDA peak allocated: {peaks}; reserved {fmt_bytes(reserved)} of {total}"
         elif r.get("device", summary.device) == "cpu":
             line += "; on CPU only activation bytes are measured (no allocator counters)"
         lines.append(line)
@@ -260,8 +263,9 @@ def memory_lines(summary: RunSummary, top: int = 5) -> list[str]:
         cells: list[tuple[str, ...]] = [("module", "saved", "self", "max", "type", "rank")]
         for m in rows[:top]:
             cells.append((
-                f"{m['phase']} {m['module']}", _bytes(m["activation_bytes"]), _bytes(m.get("self_activation_bytes")),
-                _bytes(m.get("activation_bytes_max")), str(m.get("module_type", "")), str(m["rank"]),
+                f"{m['phase']} {m['module']}", fmt_bytes(m["activation_bytes"]),
+                fmt_bytes(m.get("self_activation_bytes")), fmt_bytes(m.get("activation_bytes_max")),
+                str(m.get("module_type", "")), str(m["rank"]),
             ))  # fmt: skip
         lines.append(
             f"Largest activations (top {len(cells) - 1}; bytes saved for backward per sampled step, children "

@@ -2,7 +2,8 @@
 
 Each line keeps ``print(model)``'s text (``(fc1): Linear(in_features=64, out_features=64,
 bias=True)``) and adds aligned columns: parameters (own and below; frozen ones counted apart),
-forward and backward time (median self / inclusive per step), share of the step, gradient norm
+forward and backward time (median self / inclusive per step), bytes saved for backward (``--memory
+on``, children included), share of the step, gradient norm
 (median / last), calls per step, and flags. The structure comes from the ``model`` key that the
 agent writes into the summary at attach; without it (a run killed early) the tree is rebuilt from
 module names, and the output says so.
@@ -15,6 +16,7 @@ from typing import Any
 
 from hooktrace.report.load import RunData
 from hooktrace.report.rows import ModuleTime, fmt_count, fmt_s, median, module_norms, module_times, run_step_time
+from hooktrace.summary import fmt_bytes
 
 SORTS = ("model", "time", "params")
 """Sibling order: as the model defines them, slowest first (forward + backward), largest first."""
@@ -22,7 +24,7 @@ SORTS = ("model", "time", "params")
 _MAX_LEFT = 90
 """Longest ``print(model)`` text kept before the columns; longer text is cut with ``...``."""
 
-COLUMNS = ("params", "fwd self/incl", "bwd self/incl", "step", "grad med/last", "calls", "flags")
+COLUMNS = ("params", "fwd self/incl", "bwd self/incl", "saved", "step", "grad med/last", "calls", "flags")
 
 
 @dataclass(slots=True)
@@ -107,6 +109,7 @@ def tree_lines(run: RunData, depth: int | None = None, sort: str = "model") -> t
     """The annotated tree, and notes to print under it (totals, what is missing)."""
     times = module_times(run)
     norms = module_norms(run)
+    saved = saved_bytes(run)
     step = run_step_time(run)
     never = set(run.summary.get("never_called", []))
     skipped = {s["module"]: s["reason"] for s in run.summary.get("backward_skipped", [])}
@@ -148,6 +151,8 @@ def tree_lines(run: RunData, depth: int | None = None, sort: str = "model") -> t
             text += f"  [{below} module{'s' if below != 1 else ''} below"
             text += f", {unused} never called]" if unused else "]"
         cells, hot = _cells(node, times.get(node.name), norms.get(node.name), step, never, skipped)
+        if node.name in saved:
+            cells["saved"] = fmt_bytes(saved[node.name])
         lines.append(TreeLine(level, _cut(text), cells, hot))
         if leaf:
             return
@@ -168,6 +173,15 @@ def tree_lines(run: RunData, depth: int | None = None, sort: str = "model") -> t
                         f"{fmt_count(frozen)} frozen; step median {fmt_s(step)}")  # fmt: skip
     notes.extend(run.missing)
     return lines, notes
+
+
+def saved_bytes(run: RunData) -> dict[str, int]:
+    """Module -> bytes its forward saved for backward, children included (largest over ranks)."""
+    out: dict[str, int] = {}
+    for row in run.modules:
+        if row.get("phase") == "forward" and row.get("activation_bytes") is not None:
+            out[row["module"]] = max(out.get(row["module"], 0), int(row["activation_bytes"]))
+    return out
 
 
 def _count_below(node: Node) -> int:

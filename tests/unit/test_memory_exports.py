@@ -164,3 +164,20 @@ def test_the_summary_names_the_largest_activations_and_says_cpu_measures_only_th
 def test_memory_stats_keep_the_last_sampled_step_for_the_gauges() -> None:
     stats = MemoryStats()
     assert stats.gauges() == {} and stats.summary("cpu") == {"measured": "nothing (--memory off)"}
+
+
+def test_the_report_tree_has_a_saved_column(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from hooktrace.cli.main import cli
+
+    _train(tmp_path)
+    result = CliRunner().invoke(cli, ["report", str(tmp_path), "--tree"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    header = lines[0]
+    end = header.index("saved") + len("saved")
+    gelu = next(line for line in lines if line.lstrip().startswith("(1): GELU"))
+    assert gelu[:end].rstrip().endswith("1.0 MiB")
+    root = next(line for line in lines if line.startswith("Sequential("))
+    assert root[:end].rstrip().endswith("1.2 MiB")
