@@ -6,7 +6,7 @@ like the ``targets.json`` a real run writes. One rank is a straggler, one has a 
 per-module series come from the ranks ``--module-metrics-ranks`` chooses (``auto``: rank 0, one rank
 per node, the straggler once known). The report comes from Prometheus itself: head series, its
 memory, rule-group evaluation time, the time of every dashboard query, and which alerts fired for
-which rank. Alerts' ``for:`` is shortened (``--for``) so that a run fits in minutes.
+which rank. Alerts' ``for:`` is cut to ``--alert-for`` so that a run fits in minutes.
 
     make scale-sim                                     # 1,000 ranks, 5 s scrapes, 150 s
     .venv/bin/python benchmarks/scale_sim.py --ranks 100 --duration 90 --json out.json
@@ -103,12 +103,21 @@ def write_targets(path: Path, port: int, shape: JobShape) -> None:
     path.write_text(json.dumps(entries))
 
 
+_UNIT_S = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration_s(text: str) -> float:
+    """Seconds of a simple Prometheus duration (``0m``, ``15s``, ``5m``, ``1h``)."""
+    number = text.rstrip("smhd")
+    return float(number) * _UNIT_S[text[len(number) :]]
+
+
 def write_rules(path: Path, for_s: str) -> None:
-    """The project's rules, each alert's ``for:`` cut to ``for_s`` (the sim runs minutes, not hours)."""
+    """The project's rules, each alert's ``for:`` cut to at most ``for_s`` (the sim runs minutes)."""
     rules = yaml.safe_load(RULES_FILE.read_text())
     for group in rules["groups"]:
         for rule in group["rules"]:
-            if "alert" in rule:
+            if "alert" in rule and duration_s(rule.get("for", "0s")) > duration_s(for_s):
                 rule["for"] = for_s
     path.write_text(yaml.safe_dump(rules, sort_keys=False))
 
@@ -239,6 +248,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "duration_s": args.duration,
                 "straggler": shape.straggler,
                 "spike_rank": shape.spike_rank,
+                "spike_at_s": shape.spike_at_s,
                 "module_metrics_ranks": len(module_ranks),
                 **series_per_rank(prometheus, shape.run_id, module_ranks),
                 "head_series": samples[-1].get("prometheus_tsdb_head_series", 0),
@@ -282,7 +292,9 @@ def print_report(report: dict[str, Any]) -> None:
         at = report["alert_first_firing_s"].get(name)
         when = f"first firing after {at:.0f} s" if at is not None else "never fired"
         print(f"  {name}: firing for rank(s) {', '.join(ranks) or '-'} ({when})")
-    expected = f"straggler rank {report['straggler']}, spike rank {report['spike_rank']}"
+    expected = (
+        f"straggler rank {report['straggler']}, spike rank {report['spike_rank']} at {report['spike_at_s']:.0f} s"
+    )
     print(f"  alerts for the right ranks ({expected}): {'yes' if report['alerts_ok'] else 'NO'}")
     if report["targets_down"]:
         print(f"  targets down (first 5): {report['targets_down']}")
@@ -297,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ranks-per-node", type=int, default=8)
     parser.add_argument("--duration", type=float, default=150.0, help="seconds of scraping")
     parser.add_argument("--scrape-interval", type=float, default=5.0, help="seconds; also the rule interval")
-    parser.add_argument("--alert-for", default="15s", help="every alert's for: during the simulation")
+    parser.add_argument("--alert-for", default="15s", help="cut every longer alert for: to this")
     parser.add_argument("--module-metrics-ranks", default="auto")
     parser.add_argument("--straggler", type=int, default=-1, help="default: ranks/2 + 5")
     parser.add_argument("--spike-rank", type=int, default=-1, help="default: ranks/3 + 2")

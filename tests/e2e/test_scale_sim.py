@@ -43,4 +43,4 @@ def test_fifty_simulated_ranks_fire_both_alerts_for_the_right_ranks_within_the_s
     assert [q["query"] for q in report["dashboard_queries"]] == [str(q) for q in PANEL_QUERIES]
     must_have_data = {str(q) for q in PANEL_QUERIES if q.key not in MAY_BE_EMPTY}
     assert not [q for q in report["dashboard_queries"] if q["query"] in must_have_data and not q["series"]]
-    assert "alerts for the right ranks (straggler rank 30, spike rank 18): yes" in result.stdout
+    assert "alerts for the right ranks (straggler rank 30, spike rank 18 at 10 s): yes" in result.stdout
