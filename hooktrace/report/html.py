@@ -125,6 +125,35 @@ def _modules_lists(run: RunData) -> str:
     return "".join(parts)
 
 
+def _memory(run: RunData) -> str:
+    """Where memory goes (``--memory on``): per rank, and the modules that save the most for backward."""
+    from hooktrace.summary import fmt_bytes
+
+    ranks = [r for r in run.summary.get("ranks", []) if "parameters" in (r.get("memory") or {})]
+    rows = sorted(
+        (m for m in run.modules if m.get("phase") in ("forward", "recompute") and m.get("activation_bytes")),
+        key=lambda m: -m["activation_bytes"],
+    )[:20]
+    if not ranks and not rows:
+        return "<p class='muted'>Memory was not measured (--memory off, or no summary.json).</p>"
+    totals = [
+        [r["rank"], *(fmt_bytes(r["memory"].get(k)) for k in ("parameters", "gradients", "optimizer_state")),
+         fmt_bytes(r["memory"].get("activations")), fmt_bytes(r["memory"].get("activations_max"))]
+        for r in ranks
+    ]  # fmt: skip
+    largest = [
+        [f"{m['phase']} {m['module']}", fmt_bytes(m["activation_bytes"]), fmt_bytes(m.get("self_activation_bytes")),
+         m.get("module_type", ""), m.get("rank", "")]
+        for m in rows
+    ]  # fmt: skip
+    head = ["rank", "parameters", "gradients", "optimizer state", "activations", "activations (largest)"]
+    return (
+        _table(head, totals) + "<p>Largest activations: bytes saved for backward per sampled step, children included "
+        "(self: saved by the module's own operations).</p>"
+        + _table(["module", "saved", "self", "type", "rank"], largest)
+    )
+
+
 def build_html(run: RunData) -> str:
     """The whole page as one string."""
     figs: dict[str, Any] = {}
@@ -151,6 +180,7 @@ def build_html(run: RunData) -> str:
     )
     sections.append(f"<section><h2>Slowest modules</h2><div class='two'>{bars}</div>")
     sections.append(chart("module-tree", figures.icicle_figure(run)) + "</section>")
+    sections.append(f"<section><h2>Memory</h2>{_memory(run)}</section>")
     health = chart("grad-norm", grad_figures.grad_norm_figure(run)) + chart(
         "grad-heatmap", grad_figures.heatmap_figure(run)
     )

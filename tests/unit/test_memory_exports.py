@@ -181,3 +181,15 @@ def test_the_report_tree_has_a_saved_column(tmp_path: Path) -> None:
     assert gelu[:end].rstrip().endswith("1.0 MiB")
     root = next(line for line in lines if line.startswith("Sequential("))
     assert root[:end].rstrip().endswith("1.2 MiB")
+
+
+def test_the_html_report_has_a_memory_section(tmp_path: Path) -> None:
+    from hooktrace.report.html import build_html
+    from hooktrace.report.load import load_run
+
+    _train(tmp_path)
+    page = build_html(load_run(str(tmp_path)))
+    section = page[page.index("<h2>Memory</h2>") :]
+    section = section[: section.index("</section>")]
+    assert "<td>forward Sequential</td><td>1.2 MiB</td>" in section
+    assert "<td>16.0 MiB</td><td>16.0 MiB</td><td>32.0 MiB</td>" in section  # parameters, gradients, AdamW
