@@ -84,8 +84,9 @@ def _in_checkpoint(pack: object) -> bool:
 class CudaMemory:
     """The CUDA caching allocator's counters of one device, read on the host (never a sync).
 
-    ``stats`` and ``reset`` default to ``torch.cuda.memory_stats_as_nested_dict`` and
-    ``torch.cuda.reset_peak_memory_stats``; tests pass fakes to run this on a CPU machine.
+    ``stats`` and ``reset`` default to the C functions behind ``torch.cuda.memory_stats_as_nested_dict``
+    and ``torch.cuda.reset_peak_memory_stats`` (read twice per sampled module call: no wrapper);
+    tests pass fakes to run this on a CPU machine.
     """
 
     def __init__(
@@ -96,8 +97,8 @@ class CudaMemory:
         total: int | None = None,
     ) -> None:
         self.device = device
-        self.stats = stats or torch.cuda.memory_stats_as_nested_dict
-        self.reset = reset or torch.cuda.reset_peak_memory_stats
+        self.stats = stats or getattr(torch._C, "_cuda_memoryStats", torch.cuda.memory_stats_as_nested_dict)
+        self.reset = reset or getattr(torch._C, "_cuda_resetPeakMemoryStats", torch.cuda.reset_peak_memory_stats)
         self.total = total if total is not None else torch.cuda.get_device_properties(device).total_memory
         """Device memory in bytes (the alert's limit)."""
 
