@@ -97,8 +97,12 @@ class CudaMemory:
         total: int | None = None,
     ) -> None:
         self.device = device
-        self.stats = stats or getattr(torch._C, "_cuda_memoryStats", torch.cuda.memory_stats_as_nested_dict)
-        self.reset = reset or getattr(torch._C, "_cuda_resetPeakMemoryStats", torch.cuda.reset_peak_memory_stats)
+        self.stats: Callable[[int], dict[str, Any]] = stats or getattr(
+            torch._C, "_cuda_memoryStats", torch.cuda.memory_stats_as_nested_dict
+        )
+        self.reset: Callable[[int], None] = reset or getattr(
+            torch._C, "_cuda_resetPeakMemoryStats", torch.cuda.reset_peak_memory_stats
+        )
         self.total = total if total is not None else torch.cuda.get_device_properties(device).total_memory
         """Device memory in bytes (the alert's limit)."""
 
