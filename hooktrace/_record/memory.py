@@ -81,6 +81,11 @@ def _in_checkpoint(pack: object) -> bool:
     return getattr(pack, "__qualname__", "").startswith(_CHECKPOINT_PACK)
 
 
+def _c_or(name: str, fallback: Any) -> Any:
+    """PyTorch's C function ``name`` when this build has it, else the public wrapper."""
+    return getattr(torch._C, name, fallback)
+
+
 class CudaMemory:
     """The CUDA caching allocator's counters of one device, read on the host (never a sync).
 
@@ -97,11 +102,11 @@ class CudaMemory:
         total: int | None = None,
     ) -> None:
         self.device = device
-        self.stats: Callable[[int], dict[str, Any]] = stats or getattr(
-            torch._C, "_cuda_memoryStats", torch.cuda.memory_stats_as_nested_dict
+        self.stats: Callable[[int], dict[str, Any]] = (
+            stats if stats is not None else _c_or("_cuda_memoryStats", torch.cuda.memory_stats_as_nested_dict)
         )
-        self.reset: Callable[[int], None] = reset or getattr(
-            torch._C, "_cuda_resetPeakMemoryStats", torch.cuda.reset_peak_memory_stats
+        self.reset: Callable[[int], None] = (
+            reset if reset is not None else _c_or("_cuda_resetPeakMemoryStats", torch.cuda.reset_peak_memory_stats)
         )
         self.total = total if total is not None else torch.cuda.get_device_properties(device).total_memory
         """Device memory in bytes (the alert's limit)."""
