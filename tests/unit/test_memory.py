@@ -331,3 +331,16 @@ def test_a_compiled_submodule_is_measured_as_a_whole_without_a_recompile(tmp_pat
     assert torch.equal(torch.stack(bare), torch.stack(traced))
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2 * graphs  # at most the copy's own: no recompile
     assert _bytes(summary, "2")[0] == 16 * 64 * 4  # the compiled Linear saves its input
+
+
+def test_memory_is_a_flag_an_environment_variable_and_a_config_field() -> None:
+    from click.testing import CliRunner
+
+    from hooktrace.cli.main import cli
+
+    assert hooktrace.Config.resolve(environ={"HOOKTRACE_MEMORY": "off"}).memory == "off"
+    assert hooktrace.Config.resolve({"memory": False}).memory == "off"
+    assert hooktrace.Config().memory == "on"
+    with pytest.raises(hooktrace.ConfigError, match="--memory / HOOKTRACE_MEMORY must be one of on, off"):
+        hooktrace.Config.resolve(environ={"HOOKTRACE_MEMORY": "maybe"})
+    assert "--memory [on|off]" in CliRunner().invoke(cli, ["run", "--help"]).output
