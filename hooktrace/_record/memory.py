@@ -167,7 +167,7 @@ class SavedTensors:
         cuda = self.cuda
         record = [index, call, kind, parent, len(buf.marks), saved, cuda.allocated() if cuda is not None else None]
         packer = partial(_pack, saved, outer_pack)
-        stack.append([index, packer, record, len(calls), calls])
+        stack.append([index, packer, record, len(calls), calls, top[0] if top is not None else None])
         calls.append(record)
         try:
             _push(packer, outer_unpack or _unpack)
@@ -181,7 +181,10 @@ class SavedTensors:
         """Forward post-hook: pop this call's pair. Post-hooks run in registration order, not in
         reverse: another pusher's pre-hook registered after ours (a second agent) pushed above
         ours and pops after us. Then the pairs above ours are popped, ours too, and theirs pushed
-        back in their order, so each pops its own (``MAX_ABOVE`` at most, else ours stays)."""
+        back in their order, so each pops its own (``MAX_ABOVE`` at most). When ours is gone, a
+        pusher registered before ours popped it in its post-hook, which ran first: its own pair
+        (the one under ours when we pushed, which our pack handed every save on to) is popped
+        here in its place."""
         stack = self._stack()
         if not stack or stack[-1][0] != index:
             return
@@ -197,10 +200,13 @@ class SavedTensors:
             _pop()
         for pack, unpack in reversed(above):
             _push(pack, unpack)
-        if not found:
-            return
         stack.pop()
         self.depth -= 1
+        if not found:
+            top = _top(False)
+            if top is not None and top[0] is entry[5] and not is_ours(top[0]):
+                _pop()
+            return
         cuda = self.cuda
         if cuda is not None:
             record = entry[2]

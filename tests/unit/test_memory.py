@@ -344,3 +344,30 @@ def test_memory_is_a_flag_an_environment_variable_and_a_config_field() -> None:
     with pytest.raises(hooktrace.ConfigError, match="--memory / HOOKTRACE_MEMORY must be one of on, off"):
         hooktrace.Config.resolve(environ={"HOOKTRACE_MEMORY": "maybe"})
     assert "--memory [on|off]" in CliRunner().invoke(cli, ["run", "--help"]).output
+
+
+def test_a_users_pair_pushed_by_an_earlier_pre_hook_still_gets_every_save_and_is_popped(tmp_path: Path) -> None:
+    """A pre/post hook pair registered before ours: its post-hook runs first and pops our pair
+    instead of its own; ours then pops its pair. Its pack still saw every save (ours hands on)."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh())
+    seen: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        seen.append(1)
+        return t.detach()
+
+    def pre(module: nn.Module, args: Any) -> None:
+        torch._C._autograd._push_saved_tensors_default_hooks(pack, lambda t: t)
+
+    def post(module: nn.Module, args: Any, output: Any) -> None:
+        torch._C._autograd._pop_saved_tensors_default_hooks()
+
+    model[1].register_forward_pre_hook(pre)
+    model[1].register_forward_hook(post)
+    agent = hooktrace.attach(model, out=str(tmp_path), metrics_port=0, sample_every=1)
+    for _ in range(2):
+        model(torch.randn(2, 8)).sum().backward()
+        assert _top_hooks(False) is None
+    summary = agent.close()
+    assert seen == [1, 1]  # Tanh's output, each step
+    assert _bytes(summary, "1")[0] == 2 * 8 * 4
