@@ -314,7 +314,7 @@ class StepTracker:
                 elif _graph_task_id() == -1 and self._depth > 0:
                     self._depth -= 1
                     if self._depth == 0 and output is not None:
-                        for tensor in iter_tensors(output):
+                        for tensor in (output,) if isinstance(output, torch.Tensor) else iter_tensors(output):
                             if tensor.requires_grad:
                                 node = tensor.grad_fn  # a node pre-hook: 10x cheaper than a tensor hook
                                 if node is not None:
@@ -361,7 +361,8 @@ class StepTracker:
             except Exception as exc:
                 self.rec.hook_error(exc)
         buf = self.rec.buf
-        self.check_reset_without_step()
+        if self._backward_since_optimizer:
+            self.check_reset_without_step()
         if self._pending_close:
             self.close_step()
             buf = self.rec.buf
@@ -401,8 +402,11 @@ class StepTracker:
                 # after the callbacks queued during backward (DDP's reducer writes the averaged
                 # gradients into .grad in one of them): ours, queued now, runs after them
                 _queue_callback(self._on_gradients_final)
-            else:
-                self._on_gradients_final()
+                return
+            if not self.optimizer_seen:
+                self._note_probe()
+            stepping = self._stepping
+            self._on_backward_end_cb(buf, stepping, self.name_of(stepping) if stepping is not None else "")
         except (GradientExplosionError, NonFiniteGradientError):
             raise  # the user chose "raise": out of loss.backward() inside the optimizer's closure
         except Exception as exc:
@@ -412,15 +416,19 @@ class StepTracker:
         """The last end-of-backward callback: the gradients are those the optimizer will see."""
         try:
             buf = self.rec.buf
-            if not self.optimizer_seen:  # a loop without torch.optim: its reset is seen by version
-                grad = self._grad_probe.grad if self._grad_probe is not None else None
-                self._probe_grad = (weakref.ref(grad), grad._version) if grad is not None else None
+            if not self.optimizer_seen:
+                self._note_probe()
             stepping = self._stepping
             self._on_backward_end_cb(buf, stepping, self.name_of(stepping) if stepping is not None else "")
         except (GradientExplosionError, NonFiniteGradientError):
             raise  # the user chose "raise": out of loss.backward() inside the optimizer's closure
         except Exception as exc:
             self.rec.hook_error(exc)
+
+    def _note_probe(self) -> None:
+        """A loop without torch.optim: its gradient reset is seen by the probe's version."""
+        grad = self._grad_probe.grad if self._grad_probe is not None else None
+        self._probe_grad = (weakref.ref(grad), grad._version) if grad is not None else None
 
     # -- optimizer --------------------------------------------------------------------------------------------
     def is_ours(self, optimizer: torch.optim.Optimizer) -> bool:
