@@ -172,6 +172,17 @@ class ServerProcess:
         self.stop()
 
 
+def stop_process(process: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    """Terminate a run started by a test (its launcher passes SIGTERM on), kill it after ``timeout``."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 def prom_query(url: str, promql: str) -> list[dict[str, Any]]:
     """Instant query against the Prometheus at ``url``; ``data.result``."""
     body = http_get_json(f"{url}/api/v1/query?" + urllib.parse.urlencode({"query": promql}))

@@ -29,7 +29,15 @@ from tests.integration.test_dashboard_queries import (
     substitute,
     variable_values,
 )
-from tests.servers import RULES_FILE, PrometheusServer, free_port, http_get_json, require_binary, start_prometheus
+from tests.servers import (
+    RULES_FILE,
+    PrometheusServer,
+    free_port,
+    http_get_json,
+    require_binary,
+    start_prometheus,
+    stop_process,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 DDP = REPO / "examples" / "train_ddp.py"
@@ -47,16 +55,6 @@ class TwoRanks:
     run_id: str
     targets: dict[str, str]
     """rank -> host:port of its /metrics."""
-
-
-def _stop(run: subprocess.Popen[bytes]) -> None:
-    if run.poll() is None:
-        run.terminate()
-        try:
-            run.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            run.kill()
-            run.wait()
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +84,7 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoRanks]:
                 targets = {e["labels"]["rank"]: e["targets"][0] for e in entries if e["labels"]["run_id"] == run_id}
                 yield TwoRanks(prometheus, run_id, targets)
             finally:
-                _stop(run)
+                stop_process(run)
 
 
 def _series(target: str) -> list[str]:

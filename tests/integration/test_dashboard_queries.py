@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from tests.servers import RULES_FILE, PrometheusServer, free_port, require_binary, start_prometheus
+from tests.servers import RULES_FILE, PrometheusServer, free_port, require_binary, start_prometheus, stop_process
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD_FILES = sorted((ROOT / "grafana" / "dashboards").glob("*.json"))
@@ -180,16 +180,6 @@ class LiveRun:
     log: Path
 
 
-def _stop(run: subprocess.Popen[bytes]) -> None:
-    if run.poll() is None:
-        run.terminate()
-        try:
-            run.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            run.kill()
-            run.wait()
-
-
 @pytest.fixture(scope="module")
 def live_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveRun]:
     command = [sys.executable, "-m", "hooktrace.cli.main"]
@@ -218,7 +208,7 @@ def live_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveRun]:
                 prometheus.wait_for(rules, deadline - time.monotonic(), run=run, run_log=log)
                 yield LiveRun(prometheus, run_id, log)
             finally:
-                _stop(run)
+                stop_process(run)
 
 
 def test_every_may_be_empty_entry_names_an_existing_target() -> None:
