@@ -83,8 +83,12 @@ class RankStats:
         self.steps += 1
         self.compile_steps += int(record.compiled)
         self.clipped_steps += int(record.clipped_by_script)
-        if record.optimizer:
-            self.optimizer_steps.update(record.optimizer.split(","))
+        optimizer = record.optimizer
+        if optimizer:
+            if "," in optimizer:
+                self.optimizer_steps.update(optimizer.split(","))
+            else:  # one optimizer: no list for Counter.update to walk
+                self.optimizer_steps[optimizer] += 1
         self.micro_batches += record.micro_batches
         self.memory.add(record)
         duration = record.duration_s
@@ -110,6 +114,8 @@ class RankStats:
             self.grad_norms["__total__"] = record.grad_norm
         if record.grad_norm_ratio is not None:
             self.grad_norm_ratio = record.grad_norm_ratio
+        if not record.events:
+            return
         kinds = {event.kind for event in record.events}
         if "grad_spike" in kinds:
             self.counters["grad_spike_steps"] += 1

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any
 
 from hooktrace._aggregate.snapshot import TOTAL
@@ -81,8 +82,10 @@ class GradHealth:
         self.watch_params = watch_params or set()
         self._labels: list[str] = []
         self._labels_for: list[ParamRef] | None = None
-        self._groups: tuple[list[str], list[list[int]]] = ([], [])
+        self._groups: tuple[list[str], list[Callable[[list[float]], Any]]] = ([], [])
         self._groups_for: list[ParamRef] | None = None
+        self._series_names: dict[str, list[str]] = {}
+        """total series -> its module series' names, in label order (made once, not per step)."""
 
     def evaluate(
         self,
@@ -156,8 +159,8 @@ class GradHealth:
         per-tensor spike rule. The same verdict, with a norm per module label computed in C
         (``math.hypot`` over its parameters' norms) and one spike loop over the labels."""
         verdict = Verdict(total=total)
-        labels, groups = self._label_groups(params)
-        module_norms = [math.hypot(*[values[i] for i in group]) for group in groups]
+        labels, pickers = self._label_groups(params)
+        module_norms = [math.hypot(*pick(values)) for pick in pickers]
         verdict.module_norms = dict(zip(labels, module_norms, strict=True))
         watched = self.watch_params
         if detail:
@@ -170,22 +173,37 @@ class GradHealth:
         verdict.ratio = ratio
         if spike:
             verdict.spike_modules[TOTAL] = (total, ratio or 0.0)
-        names = labels if total_series == TOTAL else [f"{total_series}|{label}" for label in labels]
+        names = self._series_names.get(total_series)
+        if names is None or len(names) != len(labels):
+            names = labels if total_series == TOTAL else [f"{total_series}|{label}" for label in labels]
+            self._series_names[total_series] = names
         for i, m_ratio in self.detector.check_many(names, module_norms, floor):
             verdict.spike_modules[labels[i]] = (module_norms[i], m_ratio)
         verdict.spike = bool(verdict.spike_modules)
         return verdict
 
-    def _label_groups(self, params: list[ParamRef]) -> tuple[list[str], list[list[int]]]:
-        """Module labels in first-seen order and, for each, the positions of its parameters."""
+    def _label_groups(self, params: list[ParamRef]) -> tuple[list[str], list[Callable[[list[float]], Any]]]:
+        """Module labels in first-seen order and, for each, a function that picks its parameters'
+        values out of a step's list (a slice where they are adjacent, the usual case)."""
         if self._groups_for is not params:
             infos = self.table.infos
             groups: dict[str, list[int]] = {}
             for pos, ref in enumerate(params):
                 groups.setdefault(infos[ref.module].label, []).append(pos)
-            self._groups = (list(groups), list(groups.values()))
+            self._groups = (list(groups), [_picker(group) for group in groups.values()])
             self._groups_for = params
+            self._series_names.clear()
         return self._groups
+
+
+def _picker(positions: list[int]) -> Callable[[list[float]], Any]:
+    """``values -> the values at positions``: a slice when the positions are adjacent."""
+    first, last = positions[0], positions[-1]
+    if last - first + 1 == len(positions):
+        return itemgetter(slice(first, last + 1))
+    if len(positions) == 1:
+        return lambda values: (values[first],)
+    return itemgetter(*positions)
 
 
 def locate_nonfinite(

@@ -51,6 +51,8 @@ class SpikeDetector:
         self.warmup = warmup
         self.max_series = max_series
         self._series: dict[str, RollingMedian] = {}
+        self._found: tuple[list[str] | None, list[RollingMedian | None]] = (None, [])
+        """``check_many``'s last names list and their series, looked up once for every step."""
 
     def check(self, name: str, value: float, floor: float = 0.0) -> tuple[bool, float | None]:
         """``(is_spike, ratio to median)``; records ``value`` in the history (evicting the oldest
@@ -79,15 +81,14 @@ class SpikeDetector:
         ``[(i, ratio)]`` of the spikes, each value recorded. The same rule, one loop without a
         call per series."""
         spikes: list[tuple[int, float]] = []
-        all_series = self._series
+        found = self._found
+        if found[0] is not names or len(found[1]) != len(names):
+            found = self._found = (names, [self._series_of(name) for name in names])
         factor, warmup, window = self.factor, self.warmup, self.window
-        for i, name in enumerate(names):
-            value = values[i]
-            series = all_series.get(name)
+        for i, series in enumerate(found[1]):
             if series is None:
-                if len(all_series) >= self.max_series:
-                    continue
-                series = all_series[name] = RollingMedian(window)
+                continue  # beyond max_series
+            value = values[i]
             ordered = series._sorted
             n = len(ordered)
             if n >= warmup:
@@ -101,6 +102,12 @@ class SpikeDetector:
             history.append(value)
             insort(ordered, value)
         return spikes
+
+    def _series_of(self, name: str) -> RollingMedian | None:
+        series = self._series.get(name)
+        if series is None and len(self._series) < self.max_series:
+            series = self._series[name] = RollingMedian(self.window)
+        return series
 
     def baseline(self, name: str) -> float | None:
         """The rolling median of ``name`` once it holds ``warmup`` values, else None."""
