@@ -74,6 +74,10 @@ class StepProcessor:
             cuda_memory=buf.cuda_memory,
         )
         if memory is not None:
+            # the saved-tensor hooks run outside every timed hook body: counted per save here
+            saves = sum(len(call[5]) for call in buf.saved_calls)
+            if saves and self.saved is not None:
+                record.overhead_s += saves * self.saved.save_ns() / 1e9
             record.activation_bytes = memory.total
             record.module_bytes = memory.modules
             record.label_bytes = memory.labels

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from hooktrace._record.buffer import FWD_TRAIN, StepBuffer
+from hooktrace._record.dispatch import saved_tensor_hook_ns
 
 _autograd = torch._C._autograd
 _top = _autograd._top_saved_tensors_default_hooks
@@ -137,6 +138,15 @@ class SavedTensors:
         """Module indices never counted (none by default: a compiled module's hooks run outside its
         graph, so what the graph saves is counted as the module's, without a recompile)."""
         self.cuda: CudaMemory | None = None
+        self._save_ns: int | None = None
+
+    def save_ns(self) -> int:
+        """What one saved tensor costs training with our hooks (pack, unpack, PyTorch calling
+        them), measured once on first use (the worker's, not at attach): the reported overhead
+        counts it per save, as no hook body times it."""
+        if self._save_ns is None:
+            self._save_ns = saved_tensor_hook_ns(partial(_pack, [], None), _unpack)
+        return self._save_ns
 
     def _stack(self) -> list[list[Any]]:
         stack: list[list[Any]] | None = getattr(self._local, "stack", None)

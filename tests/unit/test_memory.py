@@ -371,3 +371,31 @@ def test_a_users_pair_pushed_by_an_earlier_pre_hook_still_gets_every_save_and_is
     summary = agent.close()
     assert seen == [1, 1]  # Tanh's output, each step
     assert _bytes(summary, "1")[0] == 2 * 8 * 4
+
+
+def test_the_reported_overhead_counts_every_saved_tensor_at_its_measured_cost(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The saved-tensor hooks run outside every timed hook body: each sampled step's reported
+    overhead carries saves x the per-save cost measured at start (here made 1 ms to be seen)."""
+    from hooktrace._record.memory import SavedTensors
+    from tests.conftest import RecordCapture
+
+    monkeypatch.setattr(SavedTensors, "save_ns", lambda self: 1_000_000)
+    reported = {}
+    for memory in ("on", "off"):
+        agent = hooktrace.Agent(out=str(tmp_path / memory), metrics_port=0, sample_every=1, memory=memory)
+        capture = RecordCapture()
+        agent.exporters.append(capture)
+        model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 1))  # saves 5 tensors a step
+        agent.attach(model)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        for _ in range(4):
+            opt.zero_grad()
+            model(torch.randn(4, 8)).pow(2).mean().backward()
+            opt.step()
+        agent.close()
+        reported[memory] = [r.overhead_s for r in capture.records if r.sampled and r.activation_bytes]
+    assert reported["off"] == []
+    assert len(reported["on"]) >= 3
+    assert all(seconds >= 0.004 for seconds in reported["on"])  # at least 4 saves x 1 ms per step
