@@ -5,7 +5,8 @@ the process group the job already has (the ``TCPStore`` that ``init_process_grou
 through, so it works across nodes without a shared filesystem):
 
 - every rank adds the change of its busy time (integer microseconds) to its own key;
-- rank 0 reads every rank's key with one ``multi_get`` and writes the slowest rank to one key;
+- rank 0 reads every rank's key with one ``multi_get`` and, once every rank has reported, writes
+  the slowest rank to one key;
 - every rank reads that key.
 
 No collective is issued (collectives from a second thread would interleave with training's) and the
@@ -86,7 +87,7 @@ class SlowestRank:
                     store.add(key, 0)
                 self._keys_made = True
             values = [int(value) for value in store.multi_get(keys)]
-            if max(values) > 0:
+            if min(values) > 0:  # every rank has reported: an early rank alone is not the slowest
                 store.set(slowest_key, str(max(range(len(values)), key=values.__getitem__)))
         if store.check([slowest_key]):
             return int(store.get(slowest_key))

@@ -24,8 +24,10 @@ def test_ranks_on_separate_directories_learn_the_slowest_rank_through_a_real_tcp
     dirs = [tmp_path / f"node{rank}" for rank in range(3)]  # no shared filesystem
     for path in dirs:
         path.mkdir()
-    # rank 2 reports first; rank 0 has not yet heard of the slowest rank, others learn it next round
+    # nothing is known until every rank has reported once (rank 1 has not yet)
     assert ranks[2].learn(_row(2, 0.30), str(dirs[2])) is None
+    assert ranks[0].learn(_row(0, 0.10), str(dirs[0])) is None
+    assert ranks[1].learn(_row(1, 0.12), str(dirs[1])) is None
     assert ranks[0].learn(_row(0, 0.10), str(dirs[0])) == 2
     assert ranks[1].learn(_row(1, 0.12), str(dirs[1])) == 2
     # busy times move: rank 1 becomes the slowest, and every rank hears of it
@@ -37,8 +39,8 @@ def test_ranks_on_separate_directories_learn_the_slowest_rank_through_a_real_tcp
 
 def test_a_run_id_and_restart_keep_their_own_keys() -> None:
     store = dist.HashStore()
-    first = SlowestRank("job", 0, 0, 2, store=store)
-    restarted = SlowestRank("job", 1, 0, 2, store=store)
+    first = SlowestRank("job", 0, 0, 1, store=store)
+    restarted = SlowestRank("job", 1, 0, 1, store=store)
     assert first.learn(_row(0, 0.2), "/nonexistent") == 0
     assert restarted.learn(None, "/nonexistent") is None
 
