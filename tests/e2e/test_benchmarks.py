@@ -107,4 +107,10 @@ def test_gpu_check_runs_its_checks_on_a_tiny_model_on_the_cpu() -> None:
     out = bench("gpu_check.py", "--device", "cpu", "--tiny", "--rounds", "1", "--steps", "2", "--no-tests")
     assert "sync-debug loop: 20 steps with the agent attached, no host sync, no hook error" in out
     modes = re.findall(r"^overhead (.+): [+-][\d.]+ %$", out, flags=re.M)
-    assert modes == ["hooktrace default", "hooktrace --sample-every 1 --flow-every 0", "torch.profiler"]
+    assert modes == [
+        "hooktrace default",
+        "hooktrace --memory off",
+        "hooktrace --sample-every 1 --flow-every 0",
+        "hooktrace --sample-every 1 --flow-every 0 --memory off",
+        "torch.profiler",
+    ]
