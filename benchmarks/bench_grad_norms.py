@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 import hooktrace
-from hooktrace.health.norms import resolve_norms
 
 
 def model_100m() -> nn.Module:
@@ -49,9 +48,10 @@ def main() -> None:
     capture_s, verdict_s = [], []
     for _ in range(7):
         start = time.perf_counter()
-        norms, present, ready = capture.capture()
+        reading = capture.capture()
         capture_s.append(time.perf_counter() - start)
-        values = resolve_norms(norms, ready)
+        assert reading is not None
+        present, values = reading.positions(), reading.values()
         start = time.perf_counter()
         health.evaluate(capture.params(), present, values, detail=False, per_param=False)
         verdict_s.append(time.perf_counter() - start)
