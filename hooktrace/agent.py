@@ -141,6 +141,7 @@ class Agent:
             self.recorder,
             sample_every=cfg.sample_every,
             flow_every=cfg.flow_every,
+            memory_every=cfg.memory_every,
             on_step=self._on_step,
             on_optimizer=self.gradients.on_optimizer if self.static_memory is None else self._on_optimizer,
             on_backward_end=self.gradients.on_backward_end if self.static_memory is None else self._on_backward_end,

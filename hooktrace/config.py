@@ -79,6 +79,9 @@ class Config:
     on_nonfinite: NonFiniteAction = "warn"
     """What to do on a NaN/Inf gradient: warn or raise."""
     memory: MemoryMode = "on"
+    memory_every: int = 1
+    """Activation bytes on step 1, the next sampled step, then the sampled step at or after every
+    Nth step (``--memory on``); 1 = every sampled step."""
     """Activation memory: bytes saved for backward per module on sampled steps (``saved_tensors_hooks``),
     parameter, gradient and optimizer-state bytes, and on CUDA the allocator's peaks per phase."""
     watch: tuple[str, ...] = ()
@@ -103,7 +106,7 @@ class Config:
         self.watch = tuple(self.watch)
         if isinstance(self.memory, bool):
             self.memory = "on" if self.memory else "off"
-        for name in ("sample_every", "depth", "max_modules", "queue_size", "max_trace_events"):
+        for name in ("sample_every", "memory_every", "depth", "max_modules", "queue_size", "max_trace_events"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{_where(name)} must be a positive integer, got {value!r}")

@@ -54,6 +54,10 @@ HOOKTRACE_ON_NONFINITE = "HOOKTRACE_ON_NONFINITE"
 HOOKTRACE_MEMORY = "HOOKTRACE_MEMORY"
 """Activation memory per module on sampled steps, and memory totals: on or off. Default: on."""
 
+HOOKTRACE_MEMORY_EVERY = "HOOKTRACE_MEMORY_EVERY"
+"""Activation bytes on step 1, the next sampled step, then the sampled step at or after every
+Nth step. Default: 1 (every sampled step)."""
+
 HOOKTRACE_WATCH = "HOOKTRACE_WATCH"
 """Comma-separated module/parameter names always kept in full detail. Default: none."""
 
@@ -91,6 +95,7 @@ CONFIG_ENV: dict[str, str] = {
     "on_explosion": HOOKTRACE_ON_EXPLOSION,
     "on_nonfinite": HOOKTRACE_ON_NONFINITE,
     "memory": HOOKTRACE_MEMORY,
+    "memory_every": HOOKTRACE_MEMORY_EVERY,
     "watch": HOOKTRACE_WATCH,
     "trace_ranks": HOOKTRACE_TRACE_RANKS,
     "module_metrics_ranks": HOOKTRACE_MODULE_METRICS_RANKS,

@@ -46,7 +46,7 @@ class StepProcessor:
             buf.marks.extend((M_AR_END, t) for t in done)
         start = buf.start_ns or (buf.marks[0][1] if buf.marks else buf.end_ns)
         end = max(buf.end_ns, start)
-        memory = step_memory(buf, self.table.infos) if self.saved is not None and buf.sampled else None
+        memory = step_memory(buf, self.table.infos) if self.saved is not None and buf.memory else None
         spans = self._spans(buf, memory) if buf.events else []
         if buf.number == 1 and spans:
             spans = [span for span in spans if span.start_ns >= start]  # eval calls before training began

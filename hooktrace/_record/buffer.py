@@ -48,6 +48,9 @@ class StepBuffer:
     sampled: bool
     start_ns: int
     flow: bool = False
+    memory: bool = False
+    """Activation-memory step (``--memory on``, a sampled step on the ``--memory-every`` cadence):
+    module forwards count the bytes they save for backward."""
     """Gradient-flow step (``--flow-every``): module output/input gradient norms are read."""
     events: list[tuple[int, int, int, Any]] = field(default_factory=list)
     marks: list[tuple[int, int]] = field(default_factory=list)

@@ -126,8 +126,8 @@ def make_forward_hooks(rec: Recorder, index: int, tensor_backward: bool) -> tupl
                         if isinstance(arg, _Tensor) and arg.requires_grad:
                             watch_tensor(rec, buf, arg, BWD_END, index, call)
             memory = rec.memory
-            if memory is not None and kind != FWD_EVAL and buf.sampled:
-                memory.enter(buf, index, call, kind)  # bytes saved for backward (sampled steps)
+            if memory is not None and kind != FWD_EVAL and buf.memory:
+                memory.enter(buf, index, call, kind)  # bytes saved for backward (--memory-every)
             events.append((kind, index, call, rec.stamp()))
         except Exception as exc:  # never reaches training
             rec.hook_error(exc)

@@ -244,6 +244,7 @@ class Recorder:
         start = time.perf_counter_ns()
         if self.memory is not None:
             self.memory.unwind()  # pairs a KeyboardInterrupt left pushed
+        if self.memory is not None and self.buf.memory:
             table = self.table
             tensors: list[torch.Tensor] = [p for info in table.infos for _, p in info.params]
             tensors += [b for info in table.infos for _, b in info.buffers]

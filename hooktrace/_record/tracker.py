@@ -72,6 +72,7 @@ class StepTracker:
         *,
         sample_every: int,
         flow_every: int = 0,
+        memory_every: int = 1,
         on_step: Callable[[StepBuffer], None],
         on_optimizer: Callable[[StepBuffer, torch.optim.Optimizer, str], None],
         on_backward_end: Callable[[StepBuffer, torch.optim.Optimizer | None, str], None] | None = None,
@@ -82,7 +83,11 @@ class StepTracker:
         self.flow_every = flow_every
         self._next_flow = flow_every
         """Gradient flow is read on the first sampled step at or after this step number."""
+        self.memory_every = memory_every
+        self._next_memory = 1
+        """Activation memory is read on the first sampled step at or after this step number."""
         recorder.buf.flow = self._flow_due(1, recorder.buf.sampled)
+        recorder.buf.memory = self._memory_due(1, recorder.buf.sampled)
         self._on_step = on_step
         self._on_optimizer = on_optimizer
         self._on_backward_end_cb = on_backward_end or (lambda buf, optimizer, name: None)
@@ -224,6 +229,8 @@ class StepTracker:
         self.rec.check_outputs = False
         flow = self._flow_due(number, sampled)
         nxt = StepBuffer(number=number, sampled=sampled, start_ns=end, marks=carry, flow=flow)
+        if sampled and self.rec.memory is not None:
+            nxt.memory = self._memory_due(number, sampled)
         self._pending_close = False
         self._backward_since_optimizer = False
         self.closed_steps += 1
@@ -244,6 +251,15 @@ class StepTracker:
             return False
         while self._next_flow <= number:
             self._next_flow += self.flow_every
+        return True
+
+    def _memory_due(self, number: int, sampled: bool) -> bool:
+        """``--memory-every``: step 1, the next sampled step (the first steady one), then the
+        sampled step at or after each multiple; every sampled step with 1."""
+        if not sampled or number < self._next_memory:
+            return False
+        every = self.memory_every
+        self._next_memory = number + 1 if number == 1 else (number // every + 1) * every
         return True
 
     def _open(self, buf: StepBuffer) -> None:

@@ -38,6 +38,10 @@ CONFIG_OPTIONS: list[tuple[str, dict[str, Any]]] = [
             "help": "Activation bytes per module (sampled steps), memory totals [on].",
         },
     ),
+    (
+        "--memory-every",
+        {"type": int, "help": "Activation bytes on step 1, the next sampled step, then every Nth step [1]."},
+    ),
     ("--watch", {"type": str, "multiple": True, "help": "Module/parameter name kept in full detail (repeatable)."}),
     (
         "--trace-ranks",
