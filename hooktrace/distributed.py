@@ -64,10 +64,12 @@ AUTO_ALL_RANKS = 8
 class RankChoice:
     """Whether this rank is one of the ranks a ``--trace-ranks`` / ``--module-metrics-ranks`` value
     chooses: a list names them; ``all`` is every rank; ``auto`` is every rank up to 8 ranks, beyond
-    that rank 0, one rank per node (its local rank 0) and the slowest rank once known.
+    that rank 0, one rank per node (its local rank 0) and the slowest rank when one stands out
+    (``hooktrace.slowest_rank``: busy at least ``STRAGGLER_RATIO`` times the median rank, and kept
+    while it stays so, so that per-module series do not move between near-equal ranks).
 
-    ``slowest_rank`` is set by whoever learns it (the worker thread); readers see the old or the new
-    value, both valid answers, so no lock is taken.
+    ``slowest_rank`` is set by whoever learns it (the worker thread; ``None`` when no rank stands out);
+    readers see the old or the new value, both valid answers, so no lock is taken.
     """
 
     value: str

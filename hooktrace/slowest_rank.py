@@ -9,6 +9,12 @@ through, so it works across nodes without a shared filesystem):
   the slowest rank to one key;
 - every rank reads that key.
 
+A rank is named only when it stands out: its busy time is at least ``STRAGGLER_RATIO`` (1.1) times the
+median rank's, as for the straggler of the summary. The named rank stays named until it falls below
+that, or another rank is ``SWITCH_MARGIN`` busier than it. On a job of near-equal ranks, the busiest
+rank changes from one exchange to the next; every change would start a few hundred per-module series on
+another rank (``--module-metrics-ranks auto``) and leave the old ones stale in Prometheus.
+
 No collective is issued (collectives from a second thread would interleave with training's) and the
 store is used through a private clone with a 5 s timeout, so the training thread's own store calls
 never wait behind ours. That is three small requests per rank every 10 s, and one read of all ranks'
@@ -20,14 +26,39 @@ whole job on a shared filesystem).
 from __future__ import annotations
 
 import datetime
+import statistics
+from collections.abc import Mapping
 from typing import Any
 
-from hooktrace.summary import busy_time
-from hooktrace.summary_builder import slowest_rank
+from hooktrace.summary import STRAGGLER_RATIO, busy_time
+from hooktrace.summary_builder import rank_summaries
 
-__all__ = ["SlowestRank"]
+__all__ = ["SWITCH_MARGIN", "SlowestRank", "choose_slowest"]
 
 STORE_TIMEOUT = datetime.timedelta(seconds=5)
+
+SWITCH_MARGIN = 1.05
+"""Another rank replaces the named slowest rank only when its busy time is this many times the named one's."""
+
+_NONE = "-1"
+"""The store's slowest key when no rank stands out (any more)."""
+
+
+def choose_slowest(busy: Mapping[int, float], named: int | None) -> int | None:
+    """The rank to name slowest from each rank's busy time, given the rank named so far; ``None``
+    when no rank stands out.
+
+    A rank stands out when its busy time is at least ``STRAGGLER_RATIO`` times the median rank's. The
+    named rank is kept while it stands out, unless another rank is ``SWITCH_MARGIN`` times busier.
+    """
+    times = {rank: value for rank, value in busy.items() if value and value > 0}
+    if len(times) < 2:
+        return None  # one rank is not slower than anyone
+    threshold = STRAGGLER_RATIO * statistics.median(times.values())
+    busiest = max(times, key=times.__getitem__)
+    if named in times and times[named] >= threshold and times[busiest] < SWITCH_MARGIN * times[named]:
+        return named
+    return busiest if times[busiest] >= threshold else None
 
 
 def default_store() -> Any | None:
@@ -55,18 +86,27 @@ class SlowestRank:
         self._broken = False
         self._reported_us = 0
         self._keys_made = False
+        self._written: str | None = None
+        """Rank 0: what it last wrote to the slowest key (written again only when it changes)."""
+        self.named: int | None = None
+        """The last answer: rank 0's choice is made against it, and so is the one from the summaries."""
 
-    def learn(self, rank_row: dict[str, Any] | None, out_dir: str) -> int | None:
-        """The slowest rank, through the store when there is one, else from ``out_dir``'s summaries."""
+    def learn(self, rank_row: dict[str, Any] | None, out_dir: str | None) -> int | None:
+        """The slowest rank, through the store when there is one, else from ``out_dir``'s summaries
+        (``None``: the rank writes no files, so the directory may hold another run's; keep the last answer)."""
         if not self._broken:
             if self._store is None:
                 self._store = default_store()
             if self._store is not None:
                 try:
-                    return self._exchange(rank_row)
+                    self.named = self._exchange(rank_row)
+                    return self.named
                 except Exception:
                     self._broken = True  # e.g. rank 0's store went away at the end of the job
-        return slowest_rank(out_dir)
+        if out_dir is not None:
+            busy = {row["rank"]: busy_time(row) for part in rank_summaries(out_dir) for row in part.get("ranks", [])}
+            self.named = choose_slowest(busy, self.named)
+        return self.named
 
     def _key(self, rank: int) -> str:
         return f"{self.prefix}busy_us/{rank}"
@@ -88,7 +128,13 @@ class SlowestRank:
                 self._keys_made = True
             values = [int(value) for value in store.multi_get(keys)]
             if min(values) > 0:  # every rank has reported: an early rank alone is not the slowest
-                store.set(slowest_key, str(max(range(len(values)), key=values.__getitem__)))
+                choice = choose_slowest(dict(enumerate(values)), self.named)
+                value = _NONE if choice is None else str(choice)
+                if value != self._written:
+                    store.set(slowest_key, value)
+                    self._written = value
+                return choice
         if store.check([slowest_key]):
-            return int(store.get(slowest_key))
+            named = int(store.get(slowest_key))
+            return named if named >= 0 else None
         return None

@@ -9,7 +9,8 @@ from typing import Any
 
 import torch.distributed as dist
 
-from hooktrace.slowest_rank import SlowestRank
+from hooktrace.slowest_rank import SWITCH_MARGIN, SlowestRank, choose_slowest
+from hooktrace.summary import STRAGGLER_RATIO
 
 
 def _row(rank: int, busy: float) -> dict[str, Any]:
@@ -39,9 +40,10 @@ def test_ranks_on_separate_directories_learn_the_slowest_rank_through_a_real_tcp
 
 def test_a_run_id_and_restart_keep_their_own_keys() -> None:
     store = dist.HashStore()
-    first = SlowestRank("job", 0, 0, 1, store=store)
-    restarted = SlowestRank("job", 1, 0, 1, store=store)
-    assert first.learn(_row(0, 0.2), "/nonexistent") == 0
+    first = [SlowestRank("job", 0, rank, 2, store=store) for rank in range(2)]
+    restarted = SlowestRank("job", 1, 0, 2, store=store)
+    assert first[1].learn(_row(1, 0.4), "/nonexistent") is None
+    assert first[0].learn(_row(0, 0.2), "/nonexistent") == 1
     assert restarted.learn(None, "/nonexistent") is None
 
 
@@ -58,3 +60,64 @@ def test_without_a_working_store_the_ranks_sharing_the_directory_learn_it_from_t
     assert broken.learn(_row(0, 0.1), str(tmp_path)) == 5  # and it stops asking the store
     no_group = SlowestRank("job", 0, 0, 16)  # no process group initialised in this test process
     assert no_group.learn(_row(0, 0.1), str(tmp_path)) == 5
+
+
+def _job(world: int) -> list[SlowestRank]:
+    store = dist.HashStore()
+    return [SlowestRank("job", 0, rank, world, store=store) for rank in range(world)]
+
+
+def _exchange(ranks: list[SlowestRank], busy: dict[int, float]) -> list[int | None]:
+    """One round of the 10 s exchange: every rank publishes, rank 0 (last) chooses, every rank reads."""
+    for rank in reversed(ranks):
+        rank.learn(_row(rank.rank, busy[rank.rank]), None)
+    return [rank.learn(None, None) for rank in ranks]
+
+
+def test_near_equal_ranks_name_no_slowest_rank_however_their_order_changes() -> None:
+    ranks = _job(16)
+    for shift in range(5):  # the busiest rank is another one every round, by at most 3 %
+        busy = {rank: 0.200 * (1 + 0.002 * ((rank + shift) % 16)) for rank in range(16)}
+        assert _exchange(ranks, busy) == [None] * 16
+    assert choose_slowest({rank: 0.2 + 1e-5 * rank for rank in range(1000)}, None) is None  # 5 % apart at most
+
+
+def test_a_real_straggler_is_named_and_unnamed_once_it_recovers() -> None:
+    ranks = _job(16)
+    busy = dict.fromkeys(range(16), 0.200)
+    busy[7] = 0.300  # 1.5x the median rank
+    assert _exchange(ranks, busy) == [7] * 16
+    busy[7] = 0.205  # no longer 1.1x the median: its per-module series may stop
+    assert _exchange(ranks, busy) == [None] * 16
+
+
+def test_two_ranks_alternating_within_the_margin_do_not_flip_the_choice() -> None:
+    ranks = _job(16)
+    busy = dict.fromkeys(range(16), 0.200)
+    for step in range(6):  # ranks 3 and 11 both straggle and take turns being the busier, by 3 %
+        busy[3], busy[11] = (0.309, 0.300) if step % 2 else (0.300, 0.309)
+        assert _exchange(ranks, busy) == [11] * 16
+    busy[3] = 0.300 * SWITCH_MARGIN * 1.01  # a clear margin above the named rank: the choice moves
+    assert _exchange(ranks, busy) == [3] * 16
+
+
+def test_the_named_rank_gives_way_when_it_falls_below_the_straggler_ratio() -> None:
+    median = 0.2
+    named = {0: median, 1: median, 2: median, 3: STRAGGLER_RATIO * median * 1.01, 4: STRAGGLER_RATIO * median * 1.03}
+    assert choose_slowest(named, 3) == 3  # rank 4 is busier, but within the margin
+    assert choose_slowest({**named, 3: median * 1.05}, 3) == 4  # rank 3 no longer stands out
+    assert choose_slowest({0: 0.2}, 0) is None  # one rank is nobody's straggler
+
+
+def test_the_ranks_sharing_a_directory_keep_the_named_rank_the_same_way(tmp_path: Path) -> None:
+    def write(busy: dict[int, float]) -> None:
+        for rank, value in busy.items():
+            (tmp_path / f"rank{rank}.summary.json").write_text(json.dumps({"ranks": [_row(rank, value)]}))
+
+    learner = SlowestRank("job", 0, 0, 8, store=_GoneStore())
+    write({0: 0.2, 1: 0.2, 2: 0.2, 3: 0.2, 4: 0.300, 5: 0.309})
+    assert learner.learn(_row(0, 0.2), str(tmp_path)) == 5
+    write({4: 0.309, 5: 0.300})
+    assert learner.learn(_row(0, 0.2), str(tmp_path)) == 5
+    write(dict.fromkeys(range(6), 0.2))
+    assert learner.learn(_row(0, 0.2), str(tmp_path)) is None
