@@ -177,7 +177,7 @@ class Agent:
             self.exporters,
             queue_size=cfg.queue_size,
             on_record=self._on_record,
-            on_checkpoint=self._checkpoint if cfg.write_files else None,
+            on_checkpoint=self._checkpoint,
         )
         self._started = False
         self._slowest = SlowestRank(
@@ -278,12 +278,17 @@ class Agent:
         return self.worker.flush_now(timeout)
 
     def _checkpoint(self) -> None:
-        """Worker thread: rewrite this rank's summary with what is aggregated so far (and the
-        merged summary.json in a single-process run; ranks merge once, at close)."""
-        summary = build_summary(self)
-        write_summary(self.out_dir, summary, merge=self.info.world_size == 1)
+        """Worker thread, every 10 s: rewrite this rank's summary with what is aggregated so far (and
+        the merged summary.json in a single-process run; ranks merge once, at close), then learn the
+        job's slowest rank, whether or not the rank writes files."""
+        row: dict[str, Any] | None = None
+        if self.config.write_files:
+            summary = build_summary(self)
+            write_summary(self.out_dir, summary, merge=self.info.world_size == 1)
+            row = summary.ranks[0]
         if self.info.world_size > 1:  # for --trace-ranks / --module-metrics-ranks auto beyond 8 ranks
-            slowest = self._slowest.learn(summary.ranks[0] if summary.ranks else None, self.out_dir)
+            out_dir = self.out_dir if self.config.write_files else None  # else it may hold another run's files
+            slowest = self._slowest.learn(row or self.stats.rank_summary(), out_dir)
             for exporter in self.exporters:
                 if hasattr(exporter, "slowest_rank"):
                     exporter.slowest_rank = slowest

@@ -7,8 +7,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
+import torch
 import torch.distributed as dist
+from torch import nn
 
+import hooktrace
 from hooktrace.slowest_rank import SWITCH_MARGIN, SlowestRank, choose_slowest
 from hooktrace.summary import STRAGGLER_RATIO
 
@@ -121,3 +125,43 @@ def test_the_ranks_sharing_a_directory_keep_the_named_rank_the_same_way(tmp_path
     assert learner.learn(_row(0, 0.2), str(tmp_path)) == 5
     write(dict.fromkeys(range(6), 0.2))
     assert learner.learn(_row(0, 0.2), str(tmp_path)) is None
+
+
+class _Probe:
+    """An exporter that only remembers the slowest rank the agent gave it."""
+
+    name = "probe"
+    slowest_rank: int | None = None
+
+    def start(self) -> None: ...
+    def export_step(self, step: Any) -> None: ...
+    def refresh(self, snapshot: Any) -> None: ...
+    def flush(self) -> None: ...
+    def close(self) -> None: ...
+
+
+def test_a_rank_that_writes_no_files_still_learns_the_slowest_rank_at_its_checkpoints(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)  # nothing may be written: the test checks the directory stays empty
+    for name, value in {"RANK": "3", "LOCAL_RANK": "3", "WORLD_SIZE": "16"}.items():
+        monkeypatch.setenv(name, value)
+    agent = hooktrace.Agent(write_files=False, metrics_port=0)
+    store = dist.HashStore()
+    agent._slowest = SlowestRank("job", 0, 3, 16, store=store)
+    store.set("hooktrace/job/0/slowest", "11")  # what rank 0 chose
+    probe = _Probe()
+    agent.exporters.append(probe)
+    model = nn.Linear(4, 1)
+    agent.attach(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    for _ in range(10):
+        model(torch.randn(2, 4)).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert agent.flush_now(timeout=10)  # the checkpoint the worker runs every 10 s, now
+    agent.close()
+    assert probe.slowest_rank == 11
+    busy_key = "hooktrace/job/0/busy_us/3"  # and it published its own busy time
+    assert store.check([busy_key]) and int(store.get(busy_key)) > 0
+    assert list(tmp_path.iterdir()) == []
