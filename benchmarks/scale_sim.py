@@ -31,18 +31,16 @@ from typing import Any
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.servers: the tests' Prometheus helpers
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # grafana.queries; tests.servers (below)
 
 from _scale_ranks import JobShape, SyntheticJob
 
-from tests.integration.test_dashboard_queries import (
-    PANEL_QUERIES,
-    substitute,
-    variable_values,
-)
-from tests.servers import REPO_ROOT, RULES_FILE, PrometheusServer, free_port, http_get_json, prometheus_config
+from grafana.queries import PANEL_QUERIES, load_dashboard, substitute, variable_values
 
-DASHBOARDS = REPO_ROOT / "grafana" / "dashboards"
+# The Prometheus process helpers the live-Prometheus tests use (start, wait ready, query, stop): one
+# copy, kept with those tests. Nothing in tests.servers collects or runs a test.
+from tests.servers import RULES_FILE, PrometheusServer, free_port, http_get_json, prometheus_config
+
 ALERTS = ("HooktraceStraggler", "HooktraceGradientExplosion")
 
 
@@ -166,12 +164,10 @@ def firing(url: str) -> dict[str, set[str]]:
 
 def time_dashboard_queries(url: str, run_id: str, window_s: float) -> list[dict[str, Any]]:
     """Every dashboard panel query, run as Grafana would (a range query over the window), timed."""
-    models: dict[str, dict[str, Any]] = {}
     rows = []
     end = time.time()
     for query in PANEL_QUERIES:
-        model = models.setdefault(query.file, json.loads((DASHBOARDS / query.file).read_text()))
-        expr = substitute(query.expr, variable_values(model, run_id))
+        expr = substitute(query.expr, variable_values(load_dashboard(query.file), run_id))
         params = {"query": expr, "start": f"{end - window_s:.3f}", "end": f"{end:.3f}", "step": "15"}
         began = time.perf_counter()
         body = http_get_json(f"{url}/api/v1/query_range?" + urllib.parse.urlencode(params), timeout=60)

@@ -12,8 +12,6 @@ they must still be valid PromQL.
 
 from __future__ import annotations
 
-import functools
-import json
 import math
 import os
 import re
@@ -28,24 +26,16 @@ from typing import Any
 
 import pytest
 
+from grafana.queries import PANEL_QUERIES, VARIABLE_QUERIES, Query, load_dashboard, substitute, variable_values
 from tests.servers import RULES_FILE, PrometheusServer, free_port, require_binary, start_prometheus, stop_process
 
 ROOT = Path(__file__).resolve().parents[2]
-DASHBOARD_FILES = sorted((ROOT / "grafana" / "dashboards").glob("*.json"))
 EXAMPLE = ROOT / "examples" / "train_mlp.py"
 
 STEPS = 200
 EXAMPLE_ARGS = ("--steps", str(STEPS), "--step-sleep", "0.05", "--sleep-after", "300")
 """~10 s of training, so Prometheus scrapes the counters while they move (rates, the recording
 rules' ``rate(...[5m]) > 0``); then the script idles and keeps /metrics up until the test stops it."""
-
-GRAFANA_GLOBALS = {
-    "__rate_interval": "2m",  # long enough to reach back over the training seconds
-    "__interval": "15s",
-    "__range": "10m",
-    "__range_s": "600",
-    "__range_ms": "600000",
-}
 
 MAY_BE_EMPTY: dict[tuple[str, str, str], str] = {
     ("hooktrace-training", "Gradient events", "C"): (
@@ -64,90 +54,7 @@ MAY_BE_EMPTY: dict[tuple[str, str, str], str] = {
 }
 """(dashboard uid, panel title, refId) -> why a one-rank run without events leaves it empty."""
 
-_VARIABLE = re.compile(r"\$\{(\w+)(?::[^}]*)?\}|\$(\w+)|\[\[(\w+)(?::[^\]]*)?\]\]")
 _LABEL_VALUES = re.compile(r"^\s*label_values\(\s*(?:(?P<selector>.+?)\s*,\s*)?(?P<label>\w+)\s*\)\s*$", re.DOTALL)
-
-
-@dataclass(frozen=True)
-class Query:
-    """One PromQL text of a committed dashboard: a panel target, or a query variable's."""
-
-    file: str
-    uid: str
-    panel: str
-    ref: str
-    expr: str
-
-    @property
-    def key(self) -> tuple[str, str, str]:
-        return (self.uid, self.panel, self.ref)
-
-    def __str__(self) -> str:
-        return f"{self.uid}: {self.panel} {self.ref}".strip()
-
-
-@functools.cache
-def _load(file: str) -> dict[str, Any]:
-    model: dict[str, Any] = json.loads((ROOT / "grafana" / "dashboards" / file).read_text(encoding="utf-8"))
-    return model
-
-
-def _panels(panels: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    for panel in panels:
-        yield panel
-        yield from _panels(panel.get("panels", []))
-
-
-def _panel_queries() -> list[Query]:
-    queries = []
-    for path in DASHBOARD_FILES:
-        model = _load(path.name)
-        for panel in _panels(model["panels"]):
-            for target in panel.get("targets", []):
-                queries.append(Query(path.name, model["uid"], panel["title"], target["refId"], target["expr"]))
-    return queries
-
-
-def _variable_queries() -> list[Query]:
-    queries = []
-    for path in DASHBOARD_FILES:
-        model = _load(path.name)
-        for variable in model["templating"]["list"]:
-            if variable["type"] == "query":
-                query = variable["query"]
-                expr = query.get("query", "") if isinstance(query, dict) else query
-                queries.append(Query(path.name, model["uid"], f"${variable['name']}", "", expr))
-    return queries
-
-
-PANEL_QUERIES = _panel_queries()
-VARIABLE_QUERIES = _variable_queries()
-
-
-def variable_values(model: dict[str, Any], run_id: str) -> dict[str, str]:
-    """What Grafana puts in each variable for this run: the run id, or the "All" value."""
-    values = dict(GRAFANA_GLOBALS)
-    for variable in model["templating"]["list"]:
-        name = variable["name"]
-        if name == "run_id":
-            values[name] = run_id
-        elif variable["type"] == "datasource":
-            values[name] = "prometheus"
-        elif variable.get("includeAll"):
-            values[name] = variable.get("allValue") or ".*"
-        else:
-            raise AssertionError(f"no test value for ${name}: give it one in variable_values()")
-    return values
-
-
-def substitute(text: str, values: dict[str, str]) -> str:
-    """Replace $var, ${var}, ${var:format} and [[var]] the way Grafana would (unknown: KeyError)."""
-
-    def replace(match: re.Match[str]) -> str:
-        name = next(group for group in match.groups() if group)
-        return values[name]
-
-    return _VARIABLE.sub(replace, text)
 
 
 def label_values_query(text: str) -> tuple[str, str]:
@@ -228,7 +135,7 @@ def test_substitution_sets_the_run_and_all_values_and_refuses_unknown_variables(
 
 @pytest.mark.parametrize("query", PANEL_QUERIES, ids=str)
 def test_every_panel_query_returns_data_from_a_live_run(live_run: LiveRun, query: Query) -> None:
-    expr = substitute(query.expr, variable_values(_load(query.file), live_run.run_id))
+    expr = substitute(query.expr, variable_values(load_dashboard(query.file), live_run.run_id))
     if query.key in MAY_BE_EMPTY:
         live_run.prometheus.query(expr)  # still valid PromQL
         return
@@ -239,7 +146,9 @@ def test_every_panel_query_returns_data_from_a_live_run(live_run: LiveRun, query
 
 @pytest.mark.parametrize("query", VARIABLE_QUERIES, ids=str)
 def test_every_variable_query_lists_values_from_a_live_run(live_run: LiveRun, query: Query) -> None:
-    promql, label = label_values_query(substitute(query.expr, variable_values(_load(query.file), live_run.run_id)))
+    promql, label = label_values_query(
+        substitute(query.expr, variable_values(load_dashboard(query.file), live_run.run_id))
+    )
     values = {series["metric"].get(label, "") for series in _eventually(live_run.prometheus, promql)}
     assert values and "" not in values, f"{promql!r} lists {values}"
     if label == "run_id":
