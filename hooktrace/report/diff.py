@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from hooktrace.report.load import RunData
-from hooktrace.report.rows import PHASES, fmt_s, module_times, rank_breakdown, run_step_time
+from hooktrace.report.rows import PHASES, fmt_s, median, module_times, rank_breakdown, run_step_time
 
 SHOWN_MODULES = 15
 """Modules listed in the text output (``--json`` has them all)."""
@@ -73,12 +73,13 @@ def _slowed_above(change: Change, limit: float) -> bool:
 
 
 def _phase_medians(run: RunData) -> dict[str, float]:
-    """Each phase's median over ranks of the ranks' medians."""
+    """Each phase's median over ranks of the ranks' medians (``statistics.median``, as the step time:
+    with two ranks, the mean of both, not the slower one)."""
     values: dict[str, list[float]] = {}
     for row in rank_breakdown(run):
         for phase, value in row["phases"].items():
             values.setdefault(phase, []).append(value)
-    return {phase: sorted(v)[len(v) // 2] for phase, v in values.items()}
+    return {phase: m for phase, v in values.items() if (m := median(v)) is not None}
 
 
 def compare(

@@ -91,3 +91,19 @@ def test_diff_json_is_strict_even_for_a_module_that_took_no_time_before() -> Non
     (change,) = diff.modules
     assert change.pct is None and change.significant and diff.failed == [change]
     json.dumps(diff.as_dict(), allow_nan=False)
+
+
+def _ranks(run_id: str, *ranks: tuple[float, float]) -> RunData:
+    """A run whose ranks have these (step time, forward time) medians."""
+    rows = [{"rank": r, "step_time_s": step, "phases": {"forward": fwd}} for r, (step, fwd) in enumerate(ranks)]
+    return RunData(run_dir=run_id, summary={"run_id": run_id, "ranks": rows}, steps={}, modules=[])
+
+
+def test_diff_takes_the_same_median_over_ranks_for_the_step_and_its_phases() -> None:
+    # two ranks: the median is their mean, for the step and for each phase alike (not the slower rank)
+    base = _ranks("a", (0.010, 0.004), (0.020, 0.014))
+    new = _ranks("b", (0.010, 0.004), (0.020, 0.014))
+    diff = compare(base, new)
+    forward = next(p for p in diff.phases if p.name == "forward")
+    assert diff.step.base_s == pytest.approx(0.015)
+    assert forward.base_s == pytest.approx(0.009) and forward.new_s == pytest.approx(0.009)
