@@ -1,7 +1,9 @@
 """``hooktrace diff BASE NEW``: what got slower or faster between two runs.
 
 Compares the median step time, each phase's median, and each module's median self time per step
-(forward and backward apart), then ranks the modules by the size of their change. Timing noise
+(forward and backward apart), then ranks the modules by the size of their change. A module timed
+only on step 1 (warm-up) in either run is not compared (a step-1 figure against a median would be a
+large change of nothing): it is listed in ``warmup_only`` and a note. Timing noise
 is real (another process, a warm cache), so a change counts only when it is at least
 ``noise_pct`` percent of the base value and at least ``min_share_pct`` percent of the base step
 time; ``--fail-above PCT`` fails a CI job when a counted change slowed something by more than PCT.
@@ -48,6 +50,8 @@ class Diff:
     """Every module in both runs, largest absolute change first."""
     only_base: list[str] = field(default_factory=list)
     only_new: list[str] = field(default_factory=list)
+    warmup_only: list[str] = field(default_factory=list)
+    """Module rows not compared: on one side or both only a step-1 (warm-up) figure, no steady median."""
     fail_above: float | None = None
     failed: list[Change] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -101,12 +105,17 @@ def compare(
         if phase in base_phases or phase in new_phases
     ]
     base_times, new_times = module_times(base), module_times(new)
-    modules = []
+    modules: list[Change] = []
+    warmup_only: list[str] = []
     for module in sorted(set(base_times) & set(new_times)):
         for phase in ("forward", "backward"):
             b, n = base_times[module].self_s.get(phase), new_times[module].self_s.get(phase)
-            if b is not None and n is not None:
-                modules.append(_change("module", f"{phase} {module}", b, n, noise_pct, floor))
+            if b is None or n is None:
+                continue
+            if phase in base_times[module].warmup or phase in new_times[module].warmup:
+                warmup_only.append(f"{phase} {module}")  # step 1 against a median: a change of nothing
+                continue
+            modules.append(_change("module", f"{phase} {module}", b, n, noise_pct, floor))
     modules.sort(key=lambda c: -abs(c.delta_s or 0.0))
     diff = Diff(
         base=base.run_id,
@@ -120,8 +129,15 @@ def compare(
         only_base=sorted(set(base_times) - set(new_times)),
         only_new=sorted(set(new_times) - set(base_times)),
         fail_above=fail_above,
+        warmup_only=warmup_only,
         notes=[f"base: {m}" for m in base.missing] + [f"new: {m}" for m in new.missing],
     )
+    if warmup_only:
+        names = ", ".join(warmup_only[:10]) + (" ..." if len(warmup_only) > 10 else "")
+        diff.notes.append(
+            f"{len(warmup_only)} module row{'s' if len(warmup_only) != 1 else ''} not compared: only a warm-up "
+            f"(step 1) figure on one side, no steady-state median (too few sampled steps?): {names}"
+        )
     if fail_above is not None:
         diff.failed = [c for c in [step, *phases, *modules] if _slowed_above(c, fail_above)]
     return diff

@@ -81,6 +81,8 @@ class ModuleTime:
     total_s: dict[str, float] = field(default_factory=dict)
     """Phase -> median inclusive time per step (children included)."""
     calls_per_step: float | None = None
+    warmup: set[str] = field(default_factory=set)
+    """Phases whose figures are step-1 (warm-up) figures: no rank had a steady-state median."""
 
     def both(self, kind: str = "total") -> float:
         """Forward + backward, inclusive (``total``) or ``self``."""
@@ -89,19 +91,22 @@ class ModuleTime:
 
 
 def module_times(run: RunData) -> dict[str, ModuleTime]:
-    """Module name -> its times. Rows without a steady-state median use their step-1 figures."""
+    """Module name -> its times: medians over ranks of the steady-state medians. A module and phase
+    that no rank timed past step 1 gets its step-1 figures instead, and says so in ``warmup``."""
     collect: dict[tuple[str, str], dict[str, list[float]]] = {}
     types: dict[str, str] = {}
     for row in run.modules:
         if row.get("phase") not in ("forward", "backward"):
             continue
-        total = row.get("total_s") if row.get("total_s") is not None else row.get("warmup_total_s")
-        self_ = row.get("self_s") if row.get("self_s") is not None else row.get("warmup_self_s")
-        cell = collect.setdefault((row["module"], row["phase"]), {"total": [], "self": [], "calls": []})
-        if total is not None:
-            cell["total"].append(total)
-        if self_ is not None:
-            cell["self"].append(self_)
+        cell = collect.setdefault(
+            (row["module"], row["phase"]),
+            {"total": [], "self": [], "warm_total": [], "warm_self": [], "calls": []},
+        )
+        for kind in ("total", "self"):
+            if row.get(f"{kind}_s") is not None:
+                cell[kind].append(row[f"{kind}_s"])
+            elif row.get(f"warmup_{kind}_s") is not None:
+                cell[f"warm_{kind}"].append(row[f"warmup_{kind}_s"])
         calls = row.get("calls_per_step")
         if calls and row["phase"] == "forward":
             cell["calls"].append(float(calls))
@@ -109,11 +114,12 @@ def module_times(run: RunData) -> dict[str, ModuleTime]:
     out: dict[str, ModuleTime] = {}
     for (module, phase), cell in collect.items():
         item = out.setdefault(module, ModuleTime(module, types.get(module, "")))
-        total, self_ = median(cell["total"]), median(cell["self"])
-        if total is not None:
-            item.total_s[phase] = total
-        if self_ is not None:
-            item.self_s[phase] = self_
+        for kind, into in (("total", item.total_s), ("self", item.self_s)):
+            value = median(cell[kind])
+            if value is None and (value := median(cell[f"warm_{kind}"])) is not None:
+                item.warmup.add(phase)
+            if value is not None:
+                into[phase] = value
         if cell["calls"]:
             item.calls_per_step = median(cell["calls"])
     return out

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from hooktrace.report.diff import compare
+from hooktrace.report.diff import compare, render_diff
 from hooktrace.report.load import ReportError, RunData, load_run
-from hooktrace.report.rows import rank_breakdown
+from hooktrace.report.rows import module_times, rank_breakdown
 
 
 def _trace_line(event: dict[str, Any]) -> str:
@@ -107,3 +107,26 @@ def test_diff_takes_the_same_median_over_ranks_for_the_step_and_its_phases() -> 
     forward = next(p for p in diff.phases if p.name == "forward")
     assert diff.step.base_s == pytest.approx(0.015)
     assert forward.base_s == pytest.approx(0.009) and forward.new_s == pytest.approx(0.009)
+
+
+def test_diff_does_not_compare_a_warm_up_figure_with_a_median_and_says_so() -> None:
+    base = _run(0.010, {"fc": 0.001, "head": 0.002}, "a")
+    new = _run(0.010, {"fc": 0.001, "head": 0.002}, "b")
+    # in the new run, head has no steady-state median: only its step-1 figure, 50x its usual time
+    new.modules[1].update(total_s=None, self_s=None, warmup_total_s=0.1, warmup_self_s=0.1)
+    diff = compare(base, new, fail_above=10)
+    assert [c.name for c in diff.modules] == ["forward fc"]
+    assert diff.warmup_only == ["forward head"] and diff.failed == []
+    assert any("not compared" in n and "warm-up (step 1)" in n and "forward head" in n for n in diff.notes)
+    assert diff.as_dict()["warmup_only"] == ["forward head"]
+    text = render_diff(diff)
+    assert "Note: 1 module row not compared: only a warm-up (step 1) figure" in text
+    assert text.rstrip().endswith("OK: nothing slowed by more than 10%")
+
+
+def test_a_module_with_a_steady_median_on_one_rank_is_timed_by_that_rank_not_its_warm_up() -> None:
+    run = _run(0.010, {"fc": 0.001}, "a")
+    run.modules.append({"module": "fc", "phase": "forward", "rank": 1, "total_s": None, "self_s": None,
+                        "warmup_total_s": 0.5, "warmup_self_s": 0.5})  # fmt: skip
+    times = module_times(run)["fc"]
+    assert times.self_s["forward"] == pytest.approx(0.001) and times.warmup == set()
