@@ -2,14 +2,15 @@
 
 Plain dicts, built without importing Plotly's Python package, so that building a report of
 10,000 steps and 1,000 modules takes well under a second. Every chart is bounded: series longer
-than :data:`MAX_POINTS` are averaged in buckets, the heatmap keeps :data:`MAX_HEAT_MODULES` rows
-and :data:`MAX_HEAT_STEPS` columns, the icicle :data:`MAX_TREE_MODULES` modules; the titles say so.
+than :data:`MAX_POINTS` are averaged in buckets, a chart marks :data:`MAX_EVENTS` events (the most
+severe first), the heatmap keeps :data:`MAX_HEAT_MODULES` rows and :data:`MAX_HEAT_STEPS` columns,
+the icicle :data:`MAX_TREE_MODULES` modules; the titles say so.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, TypeVar
 
 from hooktrace.report.load import RunData
 from hooktrace.report.rows import PHASES, module_norms, module_times, rank_breakdown
@@ -36,8 +37,11 @@ PHASE_COLORS = {
 LIGHT = {"forward": "#aec7e8", "backward": "#ffbb78"}
 """Inclusive bars: the phase's colour, lighter."""
 EVENT_SYMBOLS = {"grad_spike": "triangle-up", "nonfinite": "x", "grad_clip": "diamond", "amp_skip": "circle-open"}
+SEVERITY = ("nonfinite", "grad_spike", "grad_mismatch", "amp_skip", "hook_error", "grad_clip")
+"""Event kinds, most severe first: when a chart cannot mark every event, these are kept first."""
 
 Figure = dict[str, Any]
+T = TypeVar("T")
 
 
 def rnd(value: float | None) -> float | None:
@@ -72,6 +76,33 @@ def reduce_series(xs: list[int], ys: list[float | None], size: int, how: str = "
         value = (max(chunk) if how == "max" else sum(chunk) / len(chunk)) if chunk else None
         out_y.append(rnd(value))
     return out_x, out_y
+
+
+def spread(items: list[T], limit: int) -> list[T]:
+    """At most ``limit`` of ``items``, evenly spaced from the first to the last (all when they fit)."""
+    if len(items) <= limit:
+        return list(items)
+    if limit <= 1:
+        return list(items[:limit])
+    return [items[round(i * (len(items) - 1) / (limit - 1))] for i in range(limit)]
+
+
+def keep_events(marks: list[tuple[int, float, dict[str, Any]]], limit: int = MAX_EVENTS) -> tuple[list[Any], str]:
+    """At most ``limit`` of ``(step, y, event)`` marks, and a title note when some were left out.
+
+    The most severe kinds are kept first (:data:`SEVERITY`: every non-finite, then every spike, ...);
+    a kind that no longer fits whole is thinned evenly over the run, not cut after its first ones."""
+    if len(marks) <= limit:
+        return marks, ""
+    rank = {kind: i for i, kind in enumerate(SEVERITY)}
+    by_kind: dict[str, list[tuple[int, float, dict[str, Any]]]] = {}
+    for mark in marks:
+        by_kind.setdefault(mark[2]["kind"], []).append(mark)
+    kept: list[tuple[int, float, dict[str, Any]]] = []
+    for kind in sorted(by_kind, key=lambda k: (rank.get(k, len(rank)), k)):
+        kept += spread(by_kind[kind], limit - len(kept))
+    kept.sort(key=lambda m: m[0])
+    return kept, f"{len(kept):,} of {len(marks):,} events marked (the most severe first, the rest spread over the run)"
 
 
 def shown_ranks(run: RunData) -> list[int]:
@@ -115,7 +146,9 @@ def step_figure(run: RunData, rank: int) -> Figure:
                 "hovertemplate": f"step %{{x}}<br>{phase} %{{y:.3f}} ms",
             }
         )
-    marks = [(s["step"], (s["duration_s"] or 0.0) * 1e3, e) for s in lines for e in s.get("events") or []][:MAX_EVENTS]
+    marks, cut = keep_events(
+        [(s["step"], (s["duration_s"] or 0.0) * 1e3, e) for s in lines for e in s.get("events") or []]
+    )
     for kind in sorted({e["kind"] for _, _, e in marks}):
         these = [(x, y, e) for x, y, e in marks if e["kind"] == kind]
         data.append(
@@ -144,7 +177,7 @@ def step_figure(run: RunData, rank: int) -> Figure:
     return {
         "data": data,
         "layout": layout(
-            f"Rank {rank}: step time by phase{note}; events marked",
+            f"Rank {rank}: step time by phase{note}; {cut or 'events marked'}",
             xaxis={"title": {"text": "step"}, "rangeslider": {"visible": len(xs) > 200}},
             yaxis=yaxis,
             legend={"orientation": "v", "x": 1.01, "y": 1},  # clear of the range slider

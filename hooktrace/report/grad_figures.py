@@ -18,6 +18,7 @@ from hooktrace.report.figures import (
     layout,
     reduce_series,
     rnd,
+    spread,
     structure_of,
 )
 from hooktrace.report.load import RunData
@@ -65,21 +66,23 @@ def grad_norm_figure(run: RunData) -> Figure:
         },
     ]
     spikes = [(s["step"], s.get("grad_norm")) for s in lines if any(e["kind"] == "grad_spike" for e in s["events"])]
-    if spikes:
+    shown = spread(spikes, MAX_EVENTS)
+    if shown:
         data.append(
             {
                 "type": "scatter",
                 "mode": "markers",
                 "name": "spike",
-                "x": [x for x, _ in spikes][:MAX_EVENTS],
-                "y": [rnd(y) for _, y in spikes][:MAX_EVENTS],
+                "x": [x for x, _ in shown],
+                "y": [rnd(y) for _, y in shown],
                 "marker": {"color": "#d62728", "size": 9},
             }
         )
+    cut = f" ({len(shown):,} of {len(spikes):,} spikes marked, spread over the run)" if len(shown) < len(spikes) else ""
     return {
         "data": data,
         "layout": layout(
-            "Total gradient norm (log scale)",
+            f"Total gradient norm (log scale){cut}",
             xaxis={"title": {"text": "step"}},
             yaxis={"type": "log", "title": {"text": "norm"}},
         ),

@@ -152,3 +152,38 @@ def test_a_non_finite_step_is_marked_and_its_null_numbers_draw_as_gaps() -> None
     assert forward["y"] == [4.0, 4.0, 4.0, 0.0, 4.0]
     norm = data["grad-norm"]["data"][0]
     assert norm["y"] == [2.0, 2.0, 2.0, None, 2.0]
+
+
+def _figures(run: RunData) -> dict[str, Any]:
+    page = build_html(run)
+    return json.loads(re.search(r"id='hooktrace-figures'>(.*?)</script>", page, re.S).group(1))  # type: ignore[union-attr]
+
+
+def test_past_the_event_cap_the_severe_events_are_kept_the_rest_spread_and_the_title_says_so() -> None:
+    # a clip on every one of 3,000 steps, a spike late in the run and a non-finite step near the end
+    lines: list[dict[str, Any]] = [
+        {"step": s, "rank": 0, "duration_s": 0.01, "phases": {"forward": 0.004}, "grad_norm": 1.0,
+         "grad_norm_ratio": 1.0, "events": [{"kind": "grad_clip", "module": "__total__", "value": 1.5}]}
+        for s in range(1, 3001)
+    ]  # fmt: skip
+    lines[2499]["events"].append({"kind": "grad_spike", "module": "__total__", "phase": "backward", "value": 40.0})
+    lines[2899]["events"].append({"kind": "nonfinite", "module": "fc", "first_module": "fc", "value": None})
+    run = RunData(run_dir="/nonexistent/clips", summary={}, steps={0: lines}, modules=[])
+    steps = _figures(run)["steps-rank0"]
+    marks = {t["name"]: t["x"] for t in steps["data"] if t["mode"] == "markers"}
+    assert marks["nonfinite"] == [2900] and marks["grad_spike"] == [2500]
+    assert len(marks["grad_clip"]) == figures.MAX_EVENTS - 2
+    assert marks["grad_clip"][0] == 1 and marks["grad_clip"][-1] == 3000  # spread over the run, not the first ones
+    assert f"{figures.MAX_EVENTS:,} of 3,002 events marked" in steps["layout"]["title"]["text"]
+
+
+def test_under_the_event_cap_every_event_is_marked_and_the_title_cuts_nothing() -> None:
+    lines: list[dict[str, Any]] = [
+        {"step": s, "rank": 0, "duration_s": 0.01, "phases": {"forward": 0.004},
+         "events": [{"kind": "grad_clip", "module": "__total__", "value": 1.5}] if s % 3 == 0 else []}
+        for s in range(1, 31)
+    ]  # fmt: skip
+    run = RunData(run_dir="/nonexistent/few", summary={}, steps={0: lines}, modules=[])
+    steps = _figures(run)["steps-rank0"]
+    (clips,) = [t for t in steps["data"] if t["mode"] == "markers"]
+    assert clips["x"] == list(range(3, 31, 3)) and steps["layout"]["title"]["text"].endswith("; events marked")
