@@ -3,8 +3,9 @@
 Plain dicts, built without importing Plotly's Python package, so that building a report of
 10,000 steps and 1,000 modules takes well under a second. Every chart is bounded: series longer
 than :data:`MAX_POINTS` are averaged in buckets, a chart marks :data:`MAX_EVENTS` events (the most
-severe first), the heatmap keeps :data:`MAX_HEAT_MODULES` rows and :data:`MAX_HEAT_STEPS` columns,
-the icicle :data:`MAX_TREE_MODULES` modules; the titles say so.
+severe first), the heatmap keeps :data:`MAX_HEAT_MODULES` rows and :data:`MAX_HEAT_STEPS` columns
+(each the largest norm of its bucket of steps), the icicle :data:`MAX_TREE_MODULES` modules; the
+titles say so.
 """
 
 from __future__ import annotations

@@ -97,27 +97,34 @@ def heatmap_figure(run: RunData) -> Figure | None:
     order = {e["module"]: i for i, e in enumerate(structure_of(run))}
     modules = sorted(norms, key=lambda m: (order.get(m, len(order)), natural_key(m)))
     steps = sorted({s for values in norms.values() for s, _ in values})
-    stride = buckets(len(steps), MAX_HEAT_STEPS)
-    steps = steps[::stride]
+    size = buckets(len(steps), MAX_HEAT_STEPS)
+    column = {step: i // size for i, step in enumerate(steps)}  # recorded step -> its bucket
     shown = modules[:MAX_HEAT_MODULES]
     z = []
     for module in shown:
-        values = dict(norms[module])
-        z.append([rnd(math.log10(values[s])) if values.get(s) else None for s in steps])
+        # each cell is the largest norm of its bucket of steps: a one-step spike always shows
+        cells: list[float | None] = [None] * math.ceil(len(steps) / size)
+        for step, value in norms[module]:
+            if value > 0 and math.isfinite(value):
+                cell = cells[column[step]]
+                cells[column[step]] = value if cell is None else max(cell, value)
+        z.append([rnd(math.log10(v)) if v is not None else None for v in cells])
     cut = []
     if len(modules) > len(shown):
         cut.append(f"first {len(shown)} of {len(modules)} modules")
-    if stride > 1:
-        cut.append(f"every {stride}th recorded step")
+    if size > 1:
+        cut.append(f"each cell the maximum over {size} recorded steps")
     data = [
         {
             "type": "heatmap",
-            "x": steps,
+            "x": steps[::size],  # a bucket is named by its first step
             "y": shown,
             "z": z,
             "colorscale": "Viridis",
             "colorbar": {"title": {"text": "log10 norm"}},
-            "hovertemplate": "%{y}<br>step %{x}<br>log10 norm %{z:.2f}<extra></extra>",
+            "hovertemplate": "%{y}<br>step %{x}"
+            + (f" and the next {size - 1} recorded<br>largest " if size > 1 else "<br>")
+            + "log10 norm %{z:.2f}<extra></extra>",
         }
     ]
     return {

@@ -187,3 +187,21 @@ def test_under_the_event_cap_every_event_is_marked_and_the_title_cuts_nothing() 
     steps = _figures(run)["steps-rank0"]
     (clips,) = [t for t in steps["data"] if t["mode"] == "markers"]
     assert clips["x"] == list(range(3, 31, 3)) and steps["layout"]["title"]["text"].endswith("; events marked")
+
+
+def test_a_thinned_heatmap_keeps_a_one_step_module_spike_and_says_cells_are_bucket_maxima() -> None:
+    # 1,200 recorded steps make buckets of 3 (at most 500 columns); the spike is on a bucket's 2nd step
+    lines: list[dict[str, Any]] = [
+        {"step": s, "rank": 0, "duration_s": 0.01, "events": [],
+         "module_grad_norms": {"a": 1.0, "b": 1e6 if s == 1001 else 0.01}}
+        for s in range(1, 1201)
+    ]  # fmt: skip
+    run = RunData(run_dir="/nonexistent/heat", summary={}, steps={0: lines}, modules=[])
+    heat = grad_figures.heatmap_figure(run)
+    assert heat is not None
+    trace = heat["data"][0]
+    assert len(trace["x"]) == 400 and trace["x"][:3] == [1, 4, 7]
+    row = trace["z"][trace["y"].index("b")]
+    assert max(row) == pytest.approx(6.0)  # log10 of the spike's 1e6
+    assert row[1000 // 3] == pytest.approx(6.0) and row[0] == pytest.approx(-2.0)
+    assert "each cell the maximum over 3 recorded steps" in heat["layout"]["title"]["text"]
