@@ -95,7 +95,7 @@ def _straggler(run: RunData) -> str:
     if len(run.ranks) < 2:
         return "<p class='muted'>One rank: no straggler to name.</p>"
     if not run.summary:
-        return "<p class='muted'>No summary.json: the straggler is not known.</p>"
+        return "<p class='muted'>No rank*.summary.json: the straggler is not known.</p>"
     if not straggler:
         return "<p>No straggler: no rank is 10% slower than the median rank.</p>"
     rows = [[m["phase"], m["module"], fmt_s(m["extra_s_per_step"])] for m in straggler.get("modules", [])]
@@ -111,7 +111,7 @@ def _modules_lists(run: RunData) -> str:
     skipped = run.summary.get("backward_skipped", [])
     parts = []
     if not run.summary:
-        parts.append("<p class='muted'>No summary.json: never-called and skipped modules are not known.</p>")
+        parts.append("<p class='muted'>No rank*.summary.json: never-called and skipped modules are not known.</p>")
     parts.append(
         f"<p><b>Never called</b> ({len(never)}): {_esc(', '.join(never[:200])) or 'none'}"
         + (" ..." if len(never) > 200 else "")
@@ -135,7 +135,7 @@ def _memory(run: RunData) -> str:
         key=lambda m: -m["activation_bytes"],
     )[:20]
     if not ranks and not rows:
-        return "<p class='muted'>Memory was not measured (--memory off, or no summary.json).</p>"
+        return "<p class='muted'>Memory was not measured (--memory off, or no rank*.summary.json).</p>"
     totals = [
         [r["rank"], *(fmt_bytes(r["memory"].get(k)) for k in ("parameters", "gradients", "optimizer_state")),
          fmt_bytes(r["memory"].get("activations")), fmt_bytes(r["memory"].get("activations_max"))]

@@ -1,8 +1,10 @@
 """Read a run directory into plain data, tolerating what a killed run leaves behind.
 
-A finished run has ``summary.json`` (merged over ``rank<r>.summary.json``), ``rank<r>.steps.jsonl``
-and ``rank<r>.trace.json``. A run killed early may have no summary at all (ranks write theirs every
-10 s and at exit), a last steps line cut short, and a trace file without its closing ``]``. Then
+A finished run has ``rank<r>.summary.json`` (each rank's part, merged here with
+:func:`~hooktrace.summary_builder.merge_dir`; the run's own merged ``summary.json`` is not read),
+``rank<r>.steps.jsonl`` and ``rank<r>.trace.json``. A run killed early may have no summary part at
+all (ranks write theirs every 10 s and at exit), a last steps line cut short, and a trace file
+without its closing ``]``. Then
 the module times are rebuilt from the trace file's module slices (one event per line), and
 :attr:`RunData.missing` says what could not be known, so every report can say it too.
 """
@@ -33,11 +35,12 @@ class RunData:
 
     run_dir: str
     summary: dict[str, Any]
-    """The merged summary; ``{}`` when no rank wrote one (killed before its first checkpoint)."""
+    """The ``rank<r>.summary.json`` parts merged; ``{}`` when no rank wrote one (killed before its first
+    checkpoint)."""
     steps: dict[int, list[dict[str, Any]]]
     """Rank -> its steps.jsonl objects in file order."""
     modules: list[dict[str, Any]]
-    """Module rows as in ``summary.json`` ``modules`` (or rebuilt from the trace files)."""
+    """Module rows as in the summary's ``modules`` (or rebuilt from the trace files)."""
     missing: list[str] = field(default_factory=list)
     """Sentences naming what this directory lacks and what the reports do instead."""
 
@@ -159,7 +162,7 @@ def load_run(run_dir: str) -> RunData:
     modules = list(summary.get("modules", []))
     if not summary:
         missing.append(
-            "no summary.json (the run was killed before its first 10-second checkpoint): step data comes "
+            "no rank*.summary.json (the run was killed before its first 10-second checkpoint): step data comes "
             "from steps.jsonl, module times from the trace files; no model structure, never-called list, "
             "straggler or agent overhead"
         )
@@ -170,11 +173,11 @@ def load_run(run_dir: str) -> RunData:
         counted = max((len(v) for v in steps.values()), default=0)
         if counted > summary.get("steps", 0):
             missing.append(
-                f"summary.json covers {summary.get('steps', 0)} steps, steps.jsonl {counted}: the run did not "
+                f"rank*.summary.json cover {summary.get('steps', 0)} steps, steps.jsonl {counted}: the run did not "
                 "end cleanly; module medians are from its last checkpoint"
             )
         if not summary.get("model"):
-            missing.append("no model structure in summary.json (a run from an older hooktrace)")
+            missing.append("no model structure in rank*.summary.json (a run from an older hooktrace)")
     unclosed = [r for r, path in sorted(traces.items()) if not _closed(path)]
     if unclosed:
         ranks = ", ".join(map(str, unclosed))

@@ -185,8 +185,8 @@ def header(run: RunData) -> dict[str, Any]:
 
 
 def summary_from_files(run: RunData) -> dict[str, Any]:
-    """A summary (``summary.json``'s shape) rebuilt from steps and traces, for a run that wrote none:
-    what ``hooktrace report`` prints for a run killed before its first checkpoint."""
+    """A summary (``summary.json``'s shape) rebuilt from steps and traces, for a run that wrote no
+    ``rank<r>.summary.json``: what ``hooktrace report`` prints for a run killed before its first checkpoint."""
     counts: dict[int, dict[str, int]] = {}
     for event in events(run):
         per_rank = counts.setdefault(event["rank"], {})
