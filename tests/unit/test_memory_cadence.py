@@ -45,7 +45,7 @@ def test_the_flag_the_variable_and_the_field_agree_and_bad_values_name_the_flag(
     assert Config.resolve({"memory_every": 7}).memory_every == 7
     monkeypatch.setenv("HOOKTRACE_MEMORY_EVERY", "9")
     assert Config.resolve({}).memory_every == 9
-    with pytest.raises(ConfigError, match="memory.every"):
+    with pytest.raises(ConfigError, match="--memory-every"):
         Config(memory_every=0)
     result = CliRunner().invoke(cli, ["run", "--memory-every", "0", str(tmp_path / "x.py")])
     assert result.exit_code == 2 and "memory" in result.output and "every" in result.output
