@@ -126,14 +126,20 @@ class CudaMemory:
         self.reset(self.device)
 
 
-class SavedTensors:
-    """Pushes and pops the saved-tensor hooks of sampled module calls; one stack per thread
-    (the autograd engine runs a CUDA backward, and so a checkpoint's recompute, on its own thread)."""
+class _Stack(threading.local):
+    """The calling thread's pushed calls, innermost last (``__init__`` runs once per thread)."""
 
     def __init__(self) -> None:
-        self._local = threading.local()
-        self.depth = 0
-        """Pushes not popped yet, every thread: the post-hook's cheap test."""
+        self.calls: list[list[Any]] = []
+
+
+class SavedTensors:
+    """Pushes and pops the saved-tensor hooks of sampled module calls; one stack per thread
+    (the autograd engine runs a CUDA backward, and so a checkpoint's recompute, on its own thread),
+    the rest shared."""
+
+    def __init__(self) -> None:
+        self._local = _Stack()
         self.skip_modules: set[int] = set()
         """Module indices never counted (none by default: a compiled module's hooks run outside its
         graph, so what the graph saves is counted as the module's, without a recompile)."""
@@ -148,11 +154,13 @@ class SavedTensors:
             self._save_ns = saved_tensor_hook_ns(partial(_pack, [], None), _unpack)
         return self._save_ns
 
-    def _stack(self) -> list[list[Any]]:
-        stack: list[list[Any]] | None = getattr(self._local, "stack", None)
-        if stack is None:
-            stack = self._local.stack = []
-        return stack
+    @property
+    def depth(self) -> int:
+        """Pushes this thread has not popped yet: the post-hook's cheap test. The length of this
+        thread's stack, not a count kept beside it: a count shared by threads could lose an update
+        (two ``+=`` at once), and a post-hook would then skip its pop. Enter and exit do no
+        counting, so a sampled call costs what it did (the test itself costs ~70 ns more)."""
+        return len(self._local.calls)
 
     def enter(self, buf: StepBuffer, index: int, call: int, kind: int) -> None:
         """Forward pre-hook of a sampled call with grad enabled (training or recompute)."""
@@ -170,7 +178,7 @@ class SavedTensors:
                 return  # a checkpointed region keeps nothing: counted when recomputed
             else:
                 outer_pack, outer_unpack = pack, unpack
-        stack = self._stack()
+        stack = self._local.calls
         calls = buf.saved_calls
         parent = stack[-1][3] if stack and stack[-1][4] is calls else -1
         saved: list[tuple[int, int]] = []
@@ -185,7 +193,6 @@ class SavedTensors:
             stack.pop()
             calls.pop()
             raise
-        self.depth += 1
 
     def exit(self, buf: StepBuffer, index: int) -> None:
         """Forward post-hook: pop this call's pair. Post-hooks run in registration order, not in
@@ -195,7 +202,7 @@ class SavedTensors:
         pusher registered before ours popped it in its post-hook, which ran first: its own pair
         (the one under ours when we pushed, which our pack handed every save on to) is popped
         here in its place."""
-        stack = self._stack()
+        stack = self._local.calls
         if not stack or stack[-1][0] != index:
             return
         entry = stack[-1]
@@ -211,7 +218,6 @@ class SavedTensors:
         for pack, unpack in reversed(above):
             _push(pack, unpack)
         stack.pop()
-        self.depth -= 1
         if not found:
             top = _top(False)
             if top is not None and top[0] is entry[5] and not is_ours(top[0]):
@@ -227,7 +233,7 @@ class SavedTensors:
     def unwind(self) -> int:
         """Pop this thread's pairs whose post-hook never ran (a KeyboardInterrupt inside a
         forward skips ``always_call`` hooks); called where no forward runs. Returns how many."""
-        stack = self._stack()
+        stack = self._local.calls
         popped = 0
         while stack:
             top = _top(False)
@@ -236,7 +242,6 @@ class SavedTensors:
             _pop()
             stack.pop()
             popped += 1
-        self.depth -= popped
         return popped
 
 
