@@ -8,7 +8,9 @@
    the default config, ``--sample-every 1 --flow-every 0`` (each also with ``--memory off``: what
    activation memory per module costs) and ``torch.profiler`` with CUDA
    activities, in interleaved blocks timed with a synchronize at block edges (the benchmark's
-   own sync, outside the agent), median ratio to the bare blocks around each.
+   own sync, outside the agent), median ratio to the bare blocks around each. Then what memory
+   tracking adds on the device: each mode with memory on minus the same with ``--memory off``, in
+   % of step time and, with every step sampled, in ms per sampled step.
 
 ``--device cpu --tiny`` runs the same code on a small model on the CPU (the smoke test).
 """
@@ -149,6 +151,7 @@ def overhead(device: str, tiny: bool, rounds: int, steps: int) -> list[str]:
     for step in (bare, *modes.values(), profiled):
         timed(step, 3, device)  # warm-up
     ratios: dict[str, list[float]] = {name: [] for name in (*modes, "torch.profiler")}
+    seconds: dict[str, list[float]] = {name: [] for name in ratios}
     for _ in range(rounds):
         for name in ratios:
             before = timed(bare, steps, device)
@@ -164,9 +167,28 @@ def overhead(device: str, tiny: bool, rounds: int, steps: int) -> list[str]:
                 took = timed(modes[name], steps, device)
             after = timed(bare, steps, device)
             ratios[name].append(took / ((before + after) / 2))
+            seconds[name].append(took)
     for agent in agents:
         agent.close()
-    return [f"overhead {name}: {statistics.median(values) * 100 - 100:+.1f} %" for name, values in ratios.items()]
+    lines = [f"overhead {name}: {statistics.median(values) * 100 - 100:+.1f} %" for name, values in ratios.items()]
+    return [*lines, memory_cost(device, ratios, seconds)]
+
+
+def memory_cost(device: str, ratios: dict[str, list[float]], seconds: dict[str, list[float]]) -> str:
+    """What memory tracking (``--memory on``, the default) adds: each mode minus its ``--memory off``
+    twin, medians over the rounds."""
+
+    def added(on: str, values: dict[str, list[float]]) -> float:
+        off = "hooktrace --memory off" if on == "hooktrace default" else f"{on} --memory off"
+        return statistics.median(values[on]) - statistics.median(values[off])
+
+    every = "hooktrace --sample-every 1 --flow-every 0"
+    return (
+        f"memory tracking on {device} (hooktrace minus hooktrace --memory off): "
+        f"{added('hooktrace default', ratios) * 100:+.1f} % of step time at the default sampling; "
+        f"{added(every, ratios) * 100:+.1f} % of step time, {added(every, seconds) * 1e3:+.2f} ms "
+        f"per sampled step, with every step sampled ({every.removeprefix('hooktrace ')})"
+    )
 
 
 def main() -> None:

@@ -18,7 +18,10 @@ drops what is saved there (it is recomputed in backward, where the recompute cal
 Under ``torch.no_grad`` nothing is saved, so nothing is pushed either.
 
 CUDA: the allocator's host-side counters (``memory_stats_as_nested_dict``, no device sync) give the
-allocated bytes around each sampled module call, and the peak of each phase (reset after reading).
+peak of each phase (reset after reading), and the allocated bytes around the sampled calls of roots
+and of the modules that stand for a metric label (``reads_allocated``): each reading builds the
+allocator's whole nested stats dict, so the readings per step are bounded by ``--max-modules``,
+not by the model's module count.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import torch
 
 from hooktrace._record.buffer import FWD_TRAIN, StepBuffer
 from hooktrace._record.dispatch import saved_tensor_hook_ns
+from hooktrace._record.module_table import ModuleTable
 
 _autograd = torch._C._autograd
 _top = _autograd._top_saved_tensors_default_hooks
@@ -91,8 +95,9 @@ class CudaMemory:
     """The CUDA caching allocator's counters of one device, read on the host (never a sync).
 
     ``stats`` and ``reset`` default to the C functions behind ``torch.cuda.memory_stats_as_nested_dict``
-    and ``torch.cuda.reset_peak_memory_stats`` (read twice per sampled module call: no wrapper);
-    tests pass fakes to run this on a CPU machine.
+    and ``torch.cuda.reset_peak_memory_stats`` (no wrapper; each reading still builds the whole
+    nested dict, so ``SavedTensors`` reads it only around calls of roots and label modules); tests
+    pass fakes to run this on a CPU machine.
     """
 
     def __init__(
@@ -138,8 +143,10 @@ class SavedTensors:
     (the autograd engine runs a CUDA backward, and so a checkpoint's recompute, on its own thread),
     the rest shared."""
 
-    def __init__(self) -> None:
+    def __init__(self, table: ModuleTable | None = None) -> None:
         self._local = _Stack()
+        self.table = table
+        """Which modules stand for a metric label (``reads_allocated``); None: every module does."""
         self.skip_modules: set[int] = set()
         """Module indices never counted (none by default: a compiled module's hooks run outside its
         graph, so what the graph saves is counted as the module's, without a recompile)."""
@@ -162,6 +169,17 @@ class SavedTensors:
         counting, so a sampled call costs what it did (the test itself costs ~70 ns more)."""
         return len(self._local.calls)
 
+    def reads_allocated(self, index: int) -> bool:
+        """Whether a sampled call of module ``index`` gets a CUDA allocated delta: a root, or a
+        module whose metric label is its own display name (at most ``--depth`` deep, within
+        ``--max-modules``). Each reading builds the allocator's whole stats dict: reading it around
+        every call of a 1,000-module model would cost tens of ms per sampled step."""
+        table = self.table
+        if table is None:
+            return True
+        info = table.infos[index]
+        return info.parent < 0 or info.label == info.display
+
     def enter(self, buf: StepBuffer, index: int, call: int, kind: int) -> None:
         """Forward pre-hook of a sampled call with grad enabled (training or recompute)."""
         if index in self.skip_modules or not _hooks_enabled():
@@ -183,7 +201,8 @@ class SavedTensors:
         parent = stack[-1][3] if stack and stack[-1][4] is calls else -1
         saved: list[tuple[int, int]] = []
         cuda = self.cuda
-        record = [index, call, kind, parent, len(buf.marks), saved, cuda.allocated() if cuda is not None else None]
+        before = cuda.allocated() if cuda is not None and self.reads_allocated(index) else None
+        record = [index, call, kind, parent, len(buf.marks), saved, before]
         packer = partial(_pack, saved, outer_pack)
         stack.append([index, packer, record, len(calls), calls, top[0] if top is not None else None])
         calls.append(record)
@@ -226,7 +245,8 @@ class SavedTensors:
         cuda = self.cuda
         if cuda is not None:
             record = entry[2]
-            record[6] = cuda.allocated() - record[6]
+            if record[6] is not None:
+                record[6] = cuda.allocated() - record[6]
             if not stack and record[2] == FWD_TRAIN:  # the outermost training call: forward ends
                 cuda.phase_end(buf.cuda_memory, "forward")
 

@@ -99,7 +99,7 @@ class Recorder:
         self._modules_changed = False
         self._refreshes = 0
         self._registration_hook: RemovableHandle | None = None
-        self.memory: SavedTensors | None = SavedTensors() if memory else None
+        self.memory: SavedTensors | None = SavedTensors(self.table) if memory else None
         """Bytes saved for backward per sampled module call (``--memory on``); None when off."""
 
     # -- hot path -------------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -121,3 +123,41 @@ def test_memory_on_cuda_counts_saves_and_reads_the_allocator_without_a_sync(tmp_
     assert max(v["allocated_peak"] for v in phases.values()) >= 3 * params  # weights, grads, state
     assert memory["cuda"]["device_total"] == torch.cuda.get_device_properties(0).total_memory
     assert all("memory" in step for step in read_steps(tmp_path))
+
+
+def test_a_sampled_step_reads_the_allocator_only_around_label_modules(tmp_path: Path) -> None:
+    """Each reading builds the allocator's whole stats dict: with --depth 1 a sampled step reads it
+    before and after the root and each block (5 calls) and once per phase (forward, backward,
+    optimizer), not around the 12 modules inside the blocks; the blocks' allocated delta is real."""
+    torch.manual_seed(0)
+    blocks = [
+        torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 256)) for _ in range(4)
+    ]
+    model = torch.nn.Sequential(*blocks).cuda()
+    agent = hooktrace.attach(model, out=str(tmp_path), metrics_port=0, sample_every=1, depth=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+
+    def step() -> None:
+        model(torch.randn(64, 256, device="cuda")).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+
+    step()  # the agent knows the device now: count its readings from here on
+    cuda = agent.recorder.memory.cuda  # type: ignore[union-attr]
+    assert cuda is not None
+    stats, reads = cuda.stats, [0]
+
+    def counted(device: int) -> Any:
+        reads[0] += 1
+        return stats(device)
+
+    cuda.stats = counted
+    starts = []
+    for _ in range(3):
+        starts.append(reads[0])
+        step()
+    summary = agent.close()
+    assert [after - before for before, after in itertools.pairwise(starts)] == [2 * 5 + 3] * 2
+    rows = {(m["module"], m["phase"]): m for m in summary.modules}
+    assert rows[("0", "forward")]["allocated_delta_bytes"] > 0
+    assert "allocated_delta_bytes" not in rows[("0.1", "forward")]

@@ -3,9 +3,11 @@ allocator paths, run on the CPU with a fake allocator."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import CollectorRegistry
@@ -31,12 +33,14 @@ class FakeAllocator:
         self.peak = 1000
         self.reserved_peak = 4000
         self.resets = 0
+        self.reads = 0
 
     def alloc(self, nbytes: int) -> None:
         self.current += nbytes
         self.peak = max(self.peak, self.current)
 
     def stats(self, device: int) -> dict[str, Any]:
+        self.reads += 1
         return {
             "allocated_bytes": {"all": {"current": self.current, "peak": self.peak}},
             "reserved_bytes": {"all": {"current": self.reserved_peak, "peak": self.reserved_peak}},
@@ -76,6 +80,62 @@ def test_the_allocated_delta_of_a_call_and_the_forward_peak_come_from_the_alloca
     assert [record[6] for record in buf.saved_calls] == [350, 300]
     assert buf.cuda_memory == {"forward": (1350, 4000)}
     assert torch._C._autograd._top_saved_tensors_default_hooks(False) is None
+
+
+class Allocating(nn.GELU):
+    """A GELU whose forward allocates ``nbytes`` on the fake device, as a CUDA kernel's output would."""
+
+    def __init__(self, fake: FakeAllocator, nbytes: int) -> None:
+        super().__init__()
+        self.fake, self.nbytes = fake, nbytes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.fake.alloc(self.nbytes)
+        return super().forward(x)
+
+
+def _deep(fake: FakeAllocator) -> nn.Module:
+    """37 modules: a root and 6 blocks of 5 modules each, 2 or 3 deep."""
+
+    def block() -> nn.Module:
+        return nn.Sequential(nn.Linear(8, 8), Allocating(fake, 100), nn.Sequential(nn.Tanh(), nn.Linear(8, 8)))
+
+    return nn.Sequential(*[block() for _ in range(6)])
+
+
+@pytest.mark.parametrize(
+    ("options", "label_modules"),
+    [({"depth": 1}, 7), ({"max_modules": 4}, 4)],
+    ids=["depth-1", "max-modules-4"],
+)
+def test_a_sampled_step_reads_the_allocator_only_around_label_modules(
+    tmp_path: Path, options: dict[str, int], label_modules: int
+) -> None:
+    """Each reading builds the allocator's whole stats dict: a sampled step reads it before and
+    after each call of a module that stands for a metric label (the root, ``--depth 1``: the 6
+    blocks; ``--max-modules 4``: the root, ``0``, ``0.0`` and ``0.1``) and once per phase for its
+    peak (forward, backward, optimizer), however many modules lie below."""
+    fake = FakeAllocator()
+    model = _deep(fake)
+    assert len(list(model.modules())) == 37
+    agent = hooktrace.Agent(out=str(tmp_path), metrics_port=0, sample_every=1, **options)  # type: ignore[arg-type]
+    agent.attach(model)
+    _attach_fake_cuda(agent, fake)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    starts = []
+    for _ in range(4):
+        starts.append(fake.reads)
+        model(torch.randn(4, 8)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    summary = agent.close()
+    per_step = [after - before for before, after in itertools.pairwise(starts[1:])]
+    assert per_step == [2 * label_modules + 3] * 2  # was 2 x 37 + 3
+    rows = {(m["module"], m["phase"]): m for m in summary.modules}
+    assert rows[("Sequential", "forward")]["allocated_delta_bytes"] == 600  # every block's 100 bytes
+    assert rows[("0", "forward")]["allocated_delta_bytes"] == 100
+    assert "allocated_delta_bytes" not in rows[("2.1", "forward")]  # no label of its own: not read
+    assert "allocated_delta_bytes" not in rows[("0.2.0", "forward")]
 
 
 def _attach_fake_cuda(agent: hooktrace.Agent, fake: FakeAllocator) -> None:
