@@ -35,6 +35,8 @@ class StaticMemory:
         self._optimizers: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
         self._last: Any = None
         self._cache: tuple[Any, dict[int, list[int]]] | None = None
+        self._params: tuple[int, list[torch.Tensor]] = (-1, [])
+        """(table size, its parameters): rebuilt only when modules were added."""
 
     def saw(self, optimizer: torch.optim.Optimizer) -> None:
         """Training thread, at each optimizer step: one identity test on the usual call."""
@@ -44,12 +46,17 @@ class StaticMemory:
 
     def per_module(self) -> dict[int, list[int]]:
         """module index -> [parameter, gradient, optimizer-state bytes] (modules owning parameters);
-        recomputed when the table or an optimizer's state changed size."""
+        recomputed when the table, a parameter's ``requires_grad`` or dtype (gradual unfreezing,
+        ``model.half()``), or an optimizer's state changed size."""
         try:
             optimizers = list(self._optimizers)
         except RuntimeError:  # one was added meanwhile (training thread)
             optimizers = []
-        key = (len(self.table.infos), tuple((id(opt), len(opt.state)) for opt in optimizers))
+        key = (
+            len(self.table.infos),
+            [(param.requires_grad, param.dtype) for param in self._all_params()],
+            [(id(opt), len(opt.state)) for opt in optimizers],
+        )
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1]
         owner: dict[int, int] = {}
@@ -76,6 +83,12 @@ class StaticMemory:
                         out[index][2] += _nbytes(value)
         self._cache = (key, out)
         return out
+
+    def _all_params(self) -> list[torch.Tensor]:
+        infos = self.table.infos
+        if self._params[0] != len(infos):
+            self._params = (len(infos), [param for info in list(infos) for _, param in info.params])
+        return self._params[1]
 
     def totals(self) -> dict[str, int]:
         sums = [0, 0, 0]

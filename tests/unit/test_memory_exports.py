@@ -14,9 +14,10 @@ from prometheus_client import CollectorRegistry
 from torch import nn
 
 import hooktrace
-from hooktrace._aggregate.memory_stats import MemoryStats
+from hooktrace._aggregate.memory_stats import MemoryStats, StaticMemory
 from hooktrace._record.buffer import FWD_TRAIN, StepBuffer
 from hooktrace._record.memory import CudaMemory, SavedTensors
+from hooktrace._record.module_table import ModuleTable
 from hooktrace.export.otel import OtelExporter
 from hooktrace.export.prometheus import HooktraceCollector
 from hooktrace.summary import RunSummary
@@ -224,6 +225,22 @@ def test_the_summary_names_the_largest_activations_and_says_cpu_measures_only_th
 def test_memory_stats_keep_the_last_sampled_step_for_the_gauges() -> None:
     stats = MemoryStats()
     assert stats.gauges() == {} and stats.summary("cpu") == {"measured": "nothing (--memory off)"}
+
+
+def test_unfreezing_a_layer_grows_the_gradient_bytes() -> None:
+    """Gradual unfreezing: the cached per-module bytes follow ``requires_grad`` (and a dtype change)."""
+    model = nn.Sequential(nn.Linear(16, 32), nn.Linear(32, 4))
+    model[0].requires_grad_(False)
+    table = ModuleTable(depth=3, max_modules=256)
+    table.add_root(model, "")
+    static = StaticMemory(table)
+    first, second = (16 * 32 + 32) * 4, (32 * 4 + 4) * 4
+    assert static.totals() == {"parameters": first + second, "gradients": second, "optimizer_state": 0}
+    model[0].requires_grad_(True)
+    assert static.totals()["gradients"] == first + second
+    model.half()
+    half = (first + second) // 2
+    assert static.totals() == {"parameters": half, "gradients": half, "optimizer_state": 0}
 
 
 def test_the_report_tree_has_a_saved_column(tmp_path: Path) -> None:
