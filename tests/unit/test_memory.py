@@ -62,10 +62,28 @@ class Gated(nn.Module):
         return self.act(h) * h
 
 
-def test_a_linear_saves_exactly_its_input_and_a_gelu_its_input(tmp_path: Path) -> None:
+def _saves_its_weight(linear: nn.Linear, x: torch.Tensor) -> bool:
+    saved: list[int] = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        saved.append(tensor.untyped_storage().data_ptr())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        linear(x)
+    return linear.weight.untyped_storage().data_ptr() in saved
+
+
+@pytest.mark.parametrize("input_grad", [False, True], ids=["plain-input", "input-requires-grad"])
+def test_a_linear_saves_exactly_its_input_and_a_gelu_its_input(tmp_path: Path, input_grad: bool) -> None:
+    """An input that requires grad makes the Linear save its weight too (for the input's gradient):
+    a parameter, left out."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(1024, 4096), nn.GELU())
-    summary = _run(model, [torch.randn(64, 1024) for _ in range(3)], tmp_path)
+    linear = nn.Linear(1024, 4096)
+    model = nn.Sequential(linear, nn.GELU())
+    batches = [torch.randn(64, 1024, requires_grad=input_grad) for _ in range(3)]
+    assert _saves_its_weight(linear, batches[0]) is input_grad  # the case below is the one named
+    summary = _run(model, batches, tmp_path)
     assert _bytes(summary, "0") == (256 * KIB, 256 * KIB)  # 64 x 1024 fp32; the weight is a parameter
     assert _bytes(summary, "1") == (MIB, MIB)  # 64 x 4096 fp32
     assert _bytes(summary, "Sequential") == (256 * KIB + MIB, 0)
@@ -183,16 +201,30 @@ def test_losses_are_bit_identical_with_memory_tracking_on_every_step(tmp_path: P
     assert _top_hooks(False) is None  # nothing left pushed
 
 
-def test_saved_tensors_are_freed_after_backward(tmp_path: Path) -> None:
-    model = nn.Sequential(nn.Linear(32, 32), nn.Sigmoid())  # sigmoid saves its output
+def test_saved_tensors_are_freed_after_backward(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What our pack hook hands autograd (a detached alias of each saved tensor) is gone once
+    backward ran: nothing of ours keeps it, or its storage, alive."""
+    from hooktrace._record import memory
+
+    handed: list[weakref.ref[torch.Tensor]] = []
+    pack = memory._pack
+
+    def spy(saved: list[tuple[int, int]], outer: Any, tensor: torch.Tensor) -> Any:
+        packed = pack(saved, outer, tensor)
+        handed.append(weakref.ref(packed[0]))
+        return packed
+
+    monkeypatch.setattr(memory, "_pack", spy)
+    monkeypatch.setattr(memory.SavedTensors, "save_ns", lambda self: 0)  # its probe would pack too
+    model = nn.Sequential(nn.Linear(32, 32), nn.Sigmoid())  # the Linear saves its input, Sigmoid its output
     agent = hooktrace.attach(model, out=str(tmp_path), metrics_port=0, sample_every=1)
-    out = model(torch.randn(4, 32))
-    seen = weakref.ref(out)
+    x = torch.randn(4, 32)
+    out = model(x)
+    assert len(handed) == 2 and all(ref() is not None for ref in handed)
     out.sum().backward()
-    del out
     gc.collect()
+    assert [ref() for ref in handed] == [None, None]  # the user still holds x and out: only the aliases died
     agent.close()
-    assert seen() is None
 
 
 def test_an_in_place_change_of_a_saved_tensor_still_raises(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from torch import nn
 
 import hooktrace
 from hooktrace._aggregate.memory_stats import MemoryStats, StaticMemory
+from hooktrace._aggregate.step_record import StepRecord
 from hooktrace._record.buffer import FWD_TRAIN, StepBuffer
 from hooktrace._record.memory import CudaMemory, SavedTensors
 from hooktrace._record.module_table import ModuleTable
@@ -145,35 +146,48 @@ def _attach_fake_cuda(agent: hooktrace.Agent, fake: FakeAllocator) -> None:
     memory.cuda = CudaMemory(0, stats=fake.stats, reset=fake.reset, total=80 * 1024**3)
 
 
-def _train(tmp_path: Path, fake: FakeAllocator | None = None, **options: Any) -> tuple[hooktrace.Agent, RunSummary]:
+def _train(tmp_path: Path) -> tuple[hooktrace.Agent, RunSummary]:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(1024, 4096), nn.GELU())
-    agent = hooktrace.Agent(out=str(tmp_path), metrics_port=0, sample_every=2, **options)
+    agent = hooktrace.Agent(out=str(tmp_path), metrics_port=0, sample_every=2)
     agent.attach(model)
-    if fake is not None:
-        _attach_fake_cuda(agent, fake)
     opt = torch.optim.AdamW(model.parameters())
     for _ in range(4):
-        if fake is not None:
-            fake.alloc(10 * MIB)
-            fake.alloc(-10 * MIB)
         model(torch.randn(64, 1024)).pow(2).mean().backward()
         opt.step()
         opt.zero_grad()
     return agent, agent.close()
 
 
-def test_cuda_peaks_reach_steps_jsonl_the_summary_and_the_gauges(tmp_path: Path) -> None:
+def test_cuda_peaks_and_allocated_deltas_reach_steps_jsonl_the_summary_spans_and_the_gauges(tmp_path: Path) -> None:
     fake = FakeAllocator()
-    agent, summary = _train(tmp_path, fake)
+    agent = hooktrace.Agent(out=str(tmp_path), metrics_port=0, sample_every=2, otlp_endpoint="http://127.0.0.1:9")
+    spans = InMemorySpanExporter()
+    next(e for e in agent.exporters if isinstance(e, OtelExporter)).span_exporter = spans
+    model = nn.Sequential(nn.Linear(1024, 4096), Allocating(fake, 3 * KIB))
+    agent.attach(model)
+    _attach_fake_cuda(agent, fake)
+    opt = torch.optim.AdamW(model.parameters())
+    for _ in range(4):
+        fake.alloc(10 * MIB)
+        fake.alloc(-10 * MIB)
+        model(torch.randn(64, 1024)).pow(2).mean().backward()
+        fake.alloc(-3 * KIB)  # backward frees what the forward allocated
+        opt.step()
+        opt.zero_grad()
+    summary = agent.close()
     steps = read_steps(tmp_path)
     assert {"backward", "optimizer"} <= set(steps[-1]["memory"])
     assert "forward" in steps[0]["memory"]  # sampled steps split forward from backward
     cuda = summary.ranks[0]["memory"]["cuda"]
     assert cuda["device_total"] == 80 * 1024**3
     assert max(v["allocated_peak"] for v in cuda["phases"].values()) == 1000 + 10 * MIB
-    gelu = next(m for m in summary.modules if m["module"] == "1" and m["phase"] == "forward")
-    assert gelu["allocated_delta_bytes"] == 0  # the fake allocator moves only between steps
+    rows = {(m["module"], m["phase"]): m for m in summary.modules}
+    assert rows[("1", "forward")]["allocated_delta_bytes"] == 3 * KIB
+    assert rows[("Sequential", "forward")]["allocated_delta_bytes"] == 3 * KIB
+    assert rows[("0", "forward")]["allocated_delta_bytes"] == 0  # read, and nothing allocated
+    forward = [dict(s.attributes or {}) for s in spans.get_finished_spans() if s.name == "forward 1"]
+    assert len(forward) == 2 and all(a["hooktrace.allocated_delta_bytes"] == 3 * KIB for a in forward)
     gauges = agent.stats.memory.gauges()
     assert gauges["reserved"] == 4000 and gauges["device_total"] == 80 * 1024**3
     assert "CUDA peak allocated" in summary.render()
@@ -222,9 +236,37 @@ def test_the_summary_names_the_largest_activations_and_says_cpu_measures_only_th
     assert RunSummary.from_dict(summary.as_dict()).render() == text
 
 
+def _record(step: int, activations: int | None, cuda: dict[str, tuple[int, int]], **fields: Any) -> StepRecord:
+    return StepRecord(
+        step=step,
+        rank=0,
+        sampled=activations is not None,
+        start_ns=0,
+        end_ns=1,
+        wall_start_ns=0,
+        phases={},
+        phase_spans=[],
+        micro_batches=1,
+        optimizer_steps=1,
+        activation_bytes=activations,
+        cuda_memory=cuda,
+        **fields,
+    )
+
+
 def test_memory_stats_keep_the_last_sampled_step_for_the_gauges() -> None:
     stats = MemoryStats()
     assert stats.gauges() == {} and stats.summary("cpu") == {"measured": "nothing (--memory off)"}
+    stats.add(_record(1, 3 * MIB, {"forward": (900, 950), "backward": (1000, 2000)}, label_bytes={"blocks": 3 * MIB}))
+    stats.add(_record(2, MIB, {"forward": (500, 600), "backward": (700, 800)}, label_bytes={"blocks": MIB}))
+    stats.add(_record(3, None, {"backward": (650, 760), "optimizer": (640, 770)}))  # unsampled: no activations
+    gauges = stats.gauges()
+    assert gauges["activations"] == MIB  # the last sampled step's, not the largest
+    assert stats.label_bytes == {"blocks": MIB}  # hooktrace_module_activation_bytes
+    assert (gauges["allocated_peak"], gauges["reserved"]) == (650, 770)  # CUDA peaks: every step, the last one
+    summary = stats.summary("cuda")
+    assert (summary["activations"], summary["activations_max"]) == (3 * MIB, 3 * MIB)  # median of 2: the upper
+    assert summary["cuda"]["phases"]["backward"] == {"allocated_peak": 1000, "reserved_peak": 2000}  # the run's largest
 
 
 def test_unfreezing_a_layer_grows_the_gradient_bytes() -> None:
