@@ -193,6 +193,28 @@ def test_cuda_peaks_and_allocated_deltas_reach_steps_jsonl_the_summary_spans_and
     assert "CUDA peak allocated" in summary.render()
 
 
+def test_an_unsampled_step_has_no_forward_peak_and_its_backward_peak_covers_the_forward(tmp_path: Path) -> None:
+    """The forward peak is read when the outermost module call returns; unsampled steps have no
+    module hooks, so their backward peak includes what the forward allocated (README)."""
+    fake = FakeAllocator()
+    agent = hooktrace.Agent(out=str(tmp_path), metrics_port=0, sample_every=2)
+    model = nn.Sequential(nn.Linear(8, 8), Allocating(fake, 5 * KIB))
+    agent.attach(model)
+    _attach_fake_cuda(agent, fake)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for _ in range(4):
+        model(torch.randn(2, 8)).sum().backward()  # the forward allocates 5 KiB, the backward nothing
+        fake.alloc(-5 * KIB)
+        opt.step()
+        opt.zero_grad()
+    agent.close()
+    steps = read_steps(tmp_path)
+    peaks = {step["sampled"]: step["memory"] for step in steps[1:]}  # step 1 is sampled too
+    assert peaks[True]["forward"]["allocated_peak"] == 1000 + 5 * KIB
+    assert "forward" not in peaks[False]
+    assert peaks[False]["backward"]["allocated_peak"] == 1000 + 5 * KIB  # the forward's, read at backward
+
+
 def test_metrics_expose_module_activation_bytes_and_memory_by_kind(tmp_path: Path) -> None:
     agent, _ = _train(tmp_path)
     registry = CollectorRegistry()
