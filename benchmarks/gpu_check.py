@@ -132,6 +132,7 @@ def overhead(device: str, tiny: bool, rounds: int, steps: int) -> list[str]:
         ("default", {}),
         ("--memory off", {"memory": "off"}),
         ("--sample-every 1 --flow-every 0", {"sample_every": 1, "flow_every": 0}),
+        ("--sample-every 1 --flow-every 0 --memory-every 1", {"sample_every": 1, "flow_every": 0, "memory_every": 1}),
         ("--sample-every 1 --flow-every 0 --memory off", {"sample_every": 1, "flow_every": 0, "memory": "off"}),
     ):
         model, step = workload(device, tiny)
@@ -178,16 +179,16 @@ def memory_cost(device: str, ratios: dict[str, list[float]], seconds: dict[str, 
     """What memory tracking (``--memory on``, the default) adds: each mode minus its ``--memory off``
     twin, medians over the rounds."""
 
-    def added(on: str, values: dict[str, list[float]]) -> float:
-        off = "hooktrace --memory off" if on == "hooktrace default" else f"{on} --memory off"
-        return statistics.median(values[on]) - statistics.median(values[off])
+    def added(on: str, off: str, values: dict[str, list[float]]) -> float:
+        return statistics.median(values[f"hooktrace {on}"]) - statistics.median(values[f"hooktrace {off}"])
 
-    every = "hooktrace --sample-every 1 --flow-every 0"
+    every = "--sample-every 1 --flow-every 0"
+    measured, off = f"{every} --memory-every 1", f"{every} --memory off"
     return (
         f"memory tracking on {device} (hooktrace minus hooktrace --memory off): "
-        f"{added('hooktrace default', ratios) * 100:+.1f} % of step time at the default sampling; "
-        f"{added(every, ratios) * 100:+.1f} % of step time, {added(every, seconds) * 1e3:+.2f} ms "
-        f"per sampled step, with every step sampled ({every.removeprefix('hooktrace ')})"
+        f"{added('default', '--memory off', ratios) * 100:+.1f} % of step time at the defaults; "
+        f"{added(measured, off, ratios) * 100:+.1f} % of step time, {added(measured, off, seconds) * 1e3:+.2f} ms "
+        f"per measured step, with every step sampled and measured ({measured})"
     )
 
 

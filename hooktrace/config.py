@@ -79,9 +79,11 @@ class Config:
     on_nonfinite: NonFiniteAction = "warn"
     """What to do on a NaN/Inf gradient: warn or raise."""
     memory: MemoryMode = "on"
-    memory_every: int = 1
+    memory_every: int = 100
     """Activation bytes on step 1, the next sampled step, then the sampled step at or after every
-    Nth step (``--memory on``); 1 = every sampled step."""
+    Nth step (``--memory on``); 1 = every sampled step. Activation sizes change with shapes, not
+    from step to step, and reading them costs a sampled step several percent: 100, like the
+    gradient flow."""
     """Activation memory: bytes saved for backward per module on sampled steps (``saved_tensors_hooks``),
     parameter, gradient and optimizer-state bytes, and on CUDA the allocator's peaks per phase."""
     watch: tuple[str, ...] = ()

@@ -56,7 +56,7 @@ HOOKTRACE_MEMORY = "HOOKTRACE_MEMORY"
 
 HOOKTRACE_MEMORY_EVERY = "HOOKTRACE_MEMORY_EVERY"
 """Activation bytes on step 1, the next sampled step, then the sampled step at or after every
-Nth step. Default: 1 (every sampled step)."""
+Nth step. Default: 100 (1 = every sampled step)."""
 
 HOOKTRACE_WATCH = "HOOKTRACE_WATCH"
 """Comma-separated module/parameter names always kept in full detail. Default: none."""

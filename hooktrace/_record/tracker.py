@@ -72,7 +72,7 @@ class StepTracker:
         *,
         sample_every: int,
         flow_every: int = 0,
-        memory_every: int = 1,
+        memory_every: int = 100,
         on_step: Callable[[StepBuffer], None],
         on_optimizer: Callable[[StepBuffer, torch.optim.Optimizer, str], None],
         on_backward_end: Callable[[StepBuffer, torch.optim.Optimizer | None, str], None] | None = None,

@@ -40,7 +40,7 @@ CONFIG_OPTIONS: list[tuple[str, dict[str, Any]]] = [
     ),
     (
         "--memory-every",
-        {"type": int, "help": "Activation bytes on step 1, the next sampled step, then every Nth step [1]."},
+        {"type": int, "help": "Activation bytes on step 1, the next sampled step, then every Nth step [100]."},
     ),
     ("--watch", {"type": str, "multiple": True, "help": "Module/parameter name kept in full detail (repeatable)."}),
     (

@@ -100,7 +100,7 @@ def test_memory_on_cuda_counts_saves_and_reads_the_allocator_without_a_sync(tmp_
     device thread), allocator peaks per phase, optimizer state, all under sync-debug 'error'."""
     torch.manual_seed(0)
     model = _Checkpointed(reentrant).cuda()
-    agent = hooktrace.attach(model, out=str(tmp_path), metrics_port=0, sample_every=1)
+    agent = hooktrace.attach(model, out=str(tmp_path), metrics_port=0, sample_every=1, memory_every=1)
     opt = torch.optim.AdamW(model.parameters())
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -134,7 +134,7 @@ def test_a_sampled_step_reads_the_allocator_only_around_label_modules(tmp_path: 
         torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 256)) for _ in range(4)
     ]
     model = torch.nn.Sequential(*blocks).cuda()
-    agent = hooktrace.attach(model, out=str(tmp_path), metrics_port=0, sample_every=1, depth=1)
+    agent = hooktrace.attach(model, out=str(tmp_path), metrics_port=0, sample_every=1, memory_every=1, depth=1)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
 
     def step() -> None:

@@ -111,6 +111,7 @@ def test_gpu_check_runs_its_checks_on_a_tiny_model_on_the_cpu() -> None:
         "hooktrace default",
         "hooktrace --memory off",
         "hooktrace --sample-every 1 --flow-every 0",
+        "hooktrace --sample-every 1 --flow-every 0 --memory-every 1",
         "hooktrace --sample-every 1 --flow-every 0 --memory off",
         "torch.profiler",
     ]

@@ -20,6 +20,7 @@ _top_hooks = torch._C._autograd._top_saved_tensors_default_hooks
 
 
 def _run(model: nn.Module, batches: list[torch.Tensor], tmp_path: Path, **options: Any) -> hooktrace.RunSummary:
+    options = {"memory_every": 1, **options}  # every sampled step measured
     agent = hooktrace.attach(model, out=str(tmp_path), metrics_port=0, sample_every=1, **options)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     for x in batches:
@@ -416,7 +417,9 @@ def test_the_reported_overhead_counts_every_saved_tensor_at_its_measured_cost(
     monkeypatch.setattr(SavedTensors, "save_ns", lambda self: 1_000_000)
     reported = {}
     for memory in ("on", "off"):
-        agent = hooktrace.Agent(out=str(tmp_path / memory), metrics_port=0, sample_every=1, memory=memory)
+        agent = hooktrace.Agent(
+            out=str(tmp_path / memory), metrics_port=0, sample_every=1, memory=memory, memory_every=1
+        )
         capture = RecordCapture()
         agent.exporters.append(capture)
         model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 1))  # saves 5 tensors a step

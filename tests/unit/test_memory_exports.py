@@ -120,7 +120,7 @@ def test_a_sampled_step_reads_the_allocator_only_around_label_modules(
     fake = FakeAllocator()
     model = _deep(fake)
     assert len(list(model.modules())) == 37
-    agent = hooktrace.Agent(out=str(tmp_path), metrics_port=0, sample_every=1, **options)  # type: ignore[arg-type]
+    agent = hooktrace.Agent(out=str(tmp_path), metrics_port=0, sample_every=1, memory_every=1, **options)  # type: ignore[arg-type]
     agent.attach(model)
     _attach_fake_cuda(agent, fake)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
