@@ -245,7 +245,7 @@ def memory_lines(summary: RunSummary, top: int = 5) -> list[str]:
             f"Memory (rank {r['rank']}): parameters {fmt_bytes(m['parameters'])}, "
             f"gradients {fmt_bytes(m['gradients'])}, "
             f"optimizer state {fmt_bytes(m['optimizer_state'])}, activations {fmt_bytes(m.get('activations'))} "
-            f"per sampled step (largest {fmt_bytes(m.get('activations_max'))})"
+            f"per measured step (largest {fmt_bytes(m.get('activations_max'))})"
         )
         cuda = m.get("cuda")
         if cuda:
@@ -268,7 +268,7 @@ def memory_lines(summary: RunSummary, top: int = 5) -> list[str]:
                 str(m.get("module_type", "")), str(m["rank"]),
             ))  # fmt: skip
         lines.append(
-            f"Largest activations (top {len(cells) - 1}; bytes saved for backward per sampled step, children "
+            f"Largest activations (top {len(cells) - 1}; bytes saved for backward per measured step, children "
             "included; self: saved by the module's own operations):"
         )
         lines += _aligned(cells, {0, 4})

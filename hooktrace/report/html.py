@@ -148,7 +148,7 @@ def _memory(run: RunData) -> str:
     ]  # fmt: skip
     head = ["rank", "parameters", "gradients", "optimizer state", "activations", "activations (largest)"]
     return (
-        _table(head, totals) + "<p>Largest activations: bytes saved for backward per sampled step, children included "
+        _table(head, totals) + "<p>Largest activations: bytes saved for backward per measured step, children included "
         "(self: saved by the module's own operations).</p>"
         + _table(["module", "saved", "self", "type", "rank"], largest)
     )

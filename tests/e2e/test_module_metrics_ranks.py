@@ -20,15 +20,9 @@ from typing import Any
 
 import pytest
 
+from grafana.queries import DASHBOARD_FILES, PANEL_QUERIES, Query, substitute, variable_values
 from hooktrace.export.series_budget import STEP_LEVEL_BUDGET
-from tests.integration.test_dashboard_queries import (
-    DASHBOARD_FILES,
-    MAY_BE_EMPTY,
-    PANEL_QUERIES,
-    Query,
-    substitute,
-    variable_values,
-)
+from tests.integration.test_dashboard_queries import MAY_BE_EMPTY
 from tests.servers import (
     RULES_FILE,
     PrometheusServer,
