@@ -9,7 +9,6 @@ gradients were reset without an optimizer step (a GradScaler skip), or by ``agen
 from __future__ import annotations
 
 import contextlib
-import sys
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -30,8 +29,11 @@ from hooktrace._record.buffer import (
     M_OPT_END,
     StepBuffer,
 )
+from hooktrace._record.cadence import Cadence
 from hooktrace._record.hooks import iter_tensors
+from hooktrace._record.optimizers import OptimizerBook
 from hooktrace._record.recorder import Recorder, always
+from hooktrace._record.torch_state import autocast_dtype, compiled_graphs, has_closure
 from hooktrace.errors import GradientExplosionError, NonFiniteGradientError
 
 MAX_REPLAY_CALLS = 16
@@ -45,22 +47,6 @@ _now = time.perf_counter_ns
 _grad_enabled = torch.is_grad_enabled
 _graph_task_id = torch._C._current_graph_task_id
 _queue_callback = torch.autograd.Variable._execution_engine.queue_callback
-
-
-def autocast_dtype(device_type: str) -> torch.dtype | None:
-    """The autocast dtype in force for ``device_type``, None when autocast is off."""
-    if _autocast_by_device:
-        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-    if device_type == "cpu":  # PyTorch < 2.4
-        return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
-    return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
-
-
-try:
-    torch.is_autocast_enabled("cpu")
-    _autocast_by_device = hasattr(torch, "get_autocast_dtype")
-except TypeError:
-    _autocast_by_device = False
 
 
 class StepTracker:
@@ -80,14 +66,9 @@ class StepTracker:
     ) -> None:
         self.rec = recorder
         self.sample_every = sample_every
-        self.flow_every = flow_every
-        self._next_flow = flow_every
-        """Gradient flow is read on the first sampled step at or after this step number."""
-        self.memory_every = memory_every
-        self._next_memory = 1
-        """Activation memory is read on the first sampled step at or after this step number."""
-        recorder.buf.flow = self._flow_due(1, recorder.buf.sampled)
-        recorder.buf.memory = self._memory_due(1, recorder.buf.sampled)
+        self.cadence = Cadence(flow_every, memory_every)
+        recorder.buf.flow = self.cadence.flow(1, recorder.buf.sampled, recorder.hunt > 0)
+        recorder.buf.memory = self.cadence.memory(1, recorder.buf.sampled)
         self._on_step = on_step
         self._on_optimizer = on_optimizer
         self._on_backward_end_cb = on_backward_end or (lambda buf, optimizer, name: None)
@@ -116,16 +97,8 @@ class StepTracker:
         self.closed_steps = 0
         self._active = False
         self._errors_seen = 0
-        self._optimizers: weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple[bool, int, int]] = (
-            weakref.WeakKeyDictionary()
-        )
-        """Optimizer -> (steps instrumented parameters, its group count, table size when checked)."""
-        self._last_name: tuple[Any, str] = (None, "")
-        self._last_ours: tuple[Any, int, int] = (None, 0, 0)
-        """(optimizer, groups, table size) of the last optimizer found ours (a strong reference
-        for one step's time: an optimizer lives as long as its training anyway)."""
-        self._names: weakref.WeakKeyDictionary[torch.optim.Optimizer, str] = weakref.WeakKeyDictionary()
-        """Optimizer -> its stable name: class and index in the order they first stepped (``Adam#1``)."""
+        self.optimizers = OptimizerBook(recorder.table, self._orphan_gradients)
+        self.name_of = self.optimizers.name_of
 
     # -- lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -195,7 +168,7 @@ class StepTracker:
         t0 = _now()
         if final and not buf.optimizer_steps and not buf.skipped:
             buf.partial = self.optimizer_seen or not any(m == M_BWD_END for m, _ in buf.marks)
-        graphs = _compiled_graphs()
+        graphs = compiled_graphs()
         if graphs != self._compiled_graphs:
             buf.compiled = True
             self._compiled_graphs = graphs
@@ -227,10 +200,10 @@ class StepTracker:
             self._active = False
             self.rec.preflight_finished = False
         self.rec.check_outputs = False
-        flow = self._flow_due(number, sampled)
+        flow = self.cadence.flow(number, sampled, self.rec.hunt > 0)
         nxt = StepBuffer(number=number, sampled=sampled, start_ns=end, marks=carry, flow=flow)
         if sampled and self.rec.memory is not None:
-            nxt.memory = self._memory_due(number, sampled)
+            nxt.memory = self.cadence.memory(number, sampled)
         self._pending_close = False
         self._backward_since_optimizer = False
         self.closed_steps += 1
@@ -241,26 +214,6 @@ class StepTracker:
         buf.overhead_ns += _now() - t0
         self._on_step(buf)
         return buf
-
-    def _flow_due(self, number: int, sampled: bool) -> bool:
-        """``--flow-every``: the sampled step at or after each multiple, and every deep step that
-        hunts the source of a non-finite gradient."""
-        if self.rec.hunt > 0:
-            return True
-        if not sampled or not self.flow_every or number < self._next_flow:
-            return False
-        while self._next_flow <= number:
-            self._next_flow += self.flow_every
-        return True
-
-    def _memory_due(self, number: int, sampled: bool) -> bool:
-        """``--memory-every``: step 1, the next sampled step (the first steady one), then the
-        sampled step at or after each multiple; every sampled step with 1."""
-        if not sampled or number < self._next_memory:
-            return False
-        every = self.memory_every
-        self._next_memory = number + 1 if number == 1 else (number // every + 1) * every
-        return True
 
     def _open(self, buf: StepBuffer) -> None:
         """A step begins: its clock, an anchor that maps its device stamps to host time (sampled
@@ -448,49 +401,21 @@ class StepTracker:
 
     # -- optimizer --------------------------------------------------------------------------------------------
     def is_ours(self, optimizer: torch.optim.Optimizer) -> bool:
-        last = self._last_ours
-        if last[0] is optimizer and last[1] == len(optimizer.param_groups) and last[2] == len(self.rec.table.infos):
-            return True  # the usual call: the optimizer of the previous step, unchanged
         try:
-            return self._is_ours(optimizer)
+            return self.optimizers.is_ours(optimizer)
         except Exception as exc:  # an unhashable optimizer subclass, odd param_groups: count it
             self.rec.hook_error(exc)
             return True
 
-    def _is_ours(self, optimizer: torch.optim.Optimizer) -> bool:
-        """Whether ``optimizer`` updates an instrumented parameter. The optimizer hooks are global:
-        an optimizer of a model this agent does not watch must not end its steps. Checked once per
-        optimizer, again when it gained parameter groups or the agent gained modules."""
-        groups, size = len(optimizer.param_groups), len(self.rec.table.infos)
-        known = self._optimizers.get(optimizer)
-        if known is not None and (known[0] or (known[1] == groups and known[2] == size)):
-            return known[0]
-        mine = self.rec.table.param_ids
-        ours = any(id(p) in mine for group in optimizer.param_groups for p in group["params"])
-        if not ours and not self.optimizer_seen and self._grad_probe is not None and self._grad_probe.grad is not None:
-            # no optimizer of the watched parameters yet, and they hold gradients: this one updates
-            # copies of them (fp32 master weights, parameters swapped after attach), so it is ours
-            ours = True
-        self._optimizers[optimizer] = (ours, groups, size)
-        if ours:
-            self._last_ours = (optimizer, groups, size)
-        return ours
-
-    def name_of(self, optimizer: torch.optim.Optimizer) -> str:
-        """``Adam#0``: the optimizer's class and its index among this run's optimizers."""
-        last = self._last_name
-        if last[0] is optimizer:
-            return last[1]  # the usual call: no weak reference made to look it up
-        name = self._names.get(optimizer)
-        if name is None:
-            name = self._names[optimizer] = f"{type(optimizer).__name__}#{len(self._names)}"
-        self._last_name = (optimizer, name)
-        return name
+    def _orphan_gradients(self) -> bool:
+        """No optimizer of the watched parameters stepped yet, and they hold gradients."""
+        probe = self._grad_probe
+        return not self.optimizer_seen and probe is not None and probe.grad is not None
 
     def _optimizer_pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self.rec.skip() or not self.is_ours(optimizer):
             return None  # compiled step, CUDA graph capture, or another model's optimizer
-        if self._pending_close and _has_closure(args, kwargs):
+        if self._pending_close and has_closure(args, kwargs):
             # forward and backward run inside this step() (Lightning, LBFGS): the step starts here
             self.close_step()
         buf = self.rec.buf
@@ -513,7 +438,7 @@ class StepTracker:
                 # its pre-hook ran before the model was known: the model was found inside this
                 # step's closure (Lightning's first step). Take the closure's gradients now, after
                 # the update (too late for a guard to act)
-                buf.closure = buf.closure or _has_closure(args, kwargs)
+                buf.closure = buf.closure or has_closure(args, kwargs)
                 buf.optimizers.append(name)
                 self._on_optimizer(buf, optimizer, name)
             buf.marks.append((M_OPT_END, _now()))
@@ -529,29 +454,3 @@ class StepTracker:
         except Exception as exc:
             self.rec.hook_error(exc)
         return None
-
-
-def _has_closure(args: Any, kwargs: Any) -> bool:
-    """``optimizer.step(closure)`` or ``step(closure=...)``."""
-    if kwargs and kwargs.get("closure") is not None:
-        return True
-    return bool(args) and callable(args[0])
-
-
-_dynamo_counters: Any = None
-
-
-def _compiled_graphs() -> int:
-    """Graphs torch.compile has compiled in this process (0 before Dynamo is imported)."""
-    global _dynamo_counters
-    if _dynamo_counters is None:
-        utils = sys.modules.get("torch._dynamo.utils")
-        if utils is None:
-            return 0
-        _dynamo_counters = getattr(utils, "counters", None)
-        if _dynamo_counters is None:
-            return 0
-    try:
-        return int(_dynamo_counters["stats"]["unique_graphs"])
-    except Exception:
-        return 0
