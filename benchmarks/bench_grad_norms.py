@@ -7,6 +7,7 @@ norms into per-module verdicts, and a plain optimizer step for scale.
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 
@@ -16,11 +17,10 @@ from torch import nn
 import hooktrace
 
 
-def model_100m() -> nn.Module:
+def model_100m(width: int = 512, depth: int = 24, vocab: int = 50_000) -> nn.Module:
     """24 transformer-shaped blocks of width 512 and a 50k embedding: ~100M parameters, ~300 tensors."""
-    width = 512
     blocks = []
-    for _ in range(24):
+    for _ in range(depth):
         blocks.append(
             nn.ModuleDict(
                 {
@@ -33,12 +33,15 @@ def model_100m() -> nn.Module:
                 }
             )
         )
-    return nn.Sequential(nn.Embedding(50_000, width), *blocks)
+    return nn.Sequential(nn.Embedding(vocab, width), *blocks)
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", action="store_true", help="a tiny model of the same shape (the smoke test)")
+    args = parser.parse_args()
     torch.set_num_threads(2)
-    model = model_100m()
+    model = model_100m(width=16, depth=2, vocab=100) if args.small else model_100m()
     params = [p for p in model.parameters()]
     n = sum(p.numel() for p in params)
     for p in params:
