@@ -120,4 +120,4 @@ def test_gpu_check_runs_its_checks_on_a_tiny_model_on_the_cpu() -> None:
 def test_grad_norm_benchmark_runs_on_a_small_model_of_the_same_shape() -> None:
     """`make bench` runs it on a 100M-parameter model; the same code runs here small, so it cannot rot."""
     out = bench("bench_grad_norms.py", "--small")
-    assert re.search(r"grad norms, \d+M params in \\d+ tensors: capture [\d.]+ ms on the training thread", out), out
+    assert re.search(r"grad norms, \d+M params in \d+ tensors: capture [\d.]+ ms on the training thread", out), out
