@@ -81,5 +81,5 @@ def test_device_side_allreduce_completions_become_an_allreduce_phase(tmp_path: o
     buf.end_ns = done + 2_000_000
     record = agent.worker.processor.process(buf)
     agent.close()
-    assert abs(record.phases["allreduce"] - (done - (t0 + 3_000_000)) / 1e9) < 1e-6
+    assert abs(record.phases["allreduce"] - (done - (t0 + 3_000_000)) / 1e9) < 1e-5  # event times are float ms
     assert sum(record.phases.values()) == pytest.approx(record.duration_s)
