@@ -26,7 +26,8 @@ def test_top_once_shows_rank_0_and_module_rows_of_a_running_job(tmp_path: Path) 
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and job.poll() is None:
             if (out / "targets.json").exists():
-                result = CliRunner().invoke(top_command, ["--targets", str(out / "targets.json"), "--once"])
+                options = ["--targets", str(out / "targets.json"), "--once", "--top", "10"]  # every module shown
+                result = CliRunner().invoke(top_command, options)
                 frame = result.output
                 if result.exit_code == 0 and ["forward", "Sequential"] in _starts(frame, 2):
                     break
