@@ -8,6 +8,8 @@ are simply a tensor. No ``.item()``, no sync.
 from __future__ import annotations
 
 import contextlib
+import itertools
+import operator
 import weakref
 from dataclasses import dataclass
 from typing import Any, cast
@@ -19,6 +21,10 @@ from hooktrace._record.module_table import ModuleTable
 
 _NO_CONTEXT = contextlib.nullcontext()
 _weakref = weakref.ref
+_item = torch.Tensor.item
+_grad_of = operator.attrgetter("grad")
+_is = operator.is_
+_repeat = itertools.repeat
 
 
 @dataclass(slots=True)
@@ -103,6 +109,7 @@ class GradNormCapture:
         self._position: dict[int, int] = {}
         self._multi_device = False
         self._table_size = -1
+        self._every: list[int] = []
 
     def params(self) -> list[ParamRef]:
         """All parameters (tied ones once), refreshed when modules were added or renamed."""
@@ -115,6 +122,12 @@ class GradNormCapture:
             self._position = {id(t): i for i, t in enumerate(self._tensors)}
             self._multi_device = len({t.device for t in self._tensors}) > 1
         return self._params
+
+    def _all_positions(self, count: int) -> list[int]:
+        """``[0, ..., count - 1]``, made once: a capture keeps it (never modified) as its positions."""
+        if len(self._every) != count:
+            self._every = list(range(count))
+        return self._every
 
     def invalidate(self) -> None:
         """Parameter names changed (roots relabelled): rebuild the list at the next use."""
@@ -135,16 +148,15 @@ class GradNormCapture:
         if self._table_size != len(self.table.infos):
             self.params()  # modules were added
         tensors = self._tensors
-        if positions is None:
-            maybe = [param.grad for param in tensors]
-            present = [i for i, grad in enumerate(maybe) if grad is not None]  # frozen/unused: None
-        else:
-            maybe = [tensors[i].grad for i in positions]
-            present = [positions[i] for i, grad in enumerate(maybe) if grad is not None]
-        # (never `None in maybe`: `in` compares tensors with ==, 250 us for 26 of them)
-        if len(present) == len(maybe):
+        maybe = list(map(_grad_of, tensors)) if positions is None else [tensors[i].grad for i in positions]
+        # frozen/unused parameters have None; never `None in maybe`: `in` compares tensors with ==
+        # (250 us for 26 of them), `is` mapped in C does not
+        if not any(map(_is, maybe, _repeat(None))):
             grads = cast("list[torch.Tensor]", maybe)
+            present = self._all_positions(len(maybe)) if positions is None else positions
         else:
+            order = range(len(maybe)) if positions is None else positions
+            present = [pos for pos, grad in zip(order, maybe, strict=True) if grad is not None]
             grads = [grad for grad in maybe if grad is not None]
         if not grads:
             return None
@@ -152,10 +164,10 @@ class GradNormCapture:
         with torch.no_grad() if grads[0].requires_grad else _NO_CONTEXT:  # create_graph=True only
             norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
             if not self._multi_device and norms[0].is_cpu:
-                # CPU: host floats now, in one transfer (no per-parameter .item()), so a
-                # non-finite step is known before the optimizer steps and the worker needs no
-                # tensor op.
-                values: list[float] = torch.stack(norms).tolist()
+                # CPU: host floats now, so a non-finite step is known before the optimizer steps
+                # and the worker needs no tensor op. ``item`` mapped in C: 4 us for 26 norms where
+                # ``stack(...).tolist()`` costs 11 (a new tensor, then a list)
+                values: list[float] = list(map(_item, norms))
                 return NormCapture(values, present, None, None, probes)
             stacked = stack_on_one_device(list(norms)) if self._multi_device else torch.stack(norms)
         host, ready = copy_to_host_async(stacked)
