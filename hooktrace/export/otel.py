@@ -23,20 +23,14 @@ on the module's span in another phase, else on ``rank {r}``.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
-import math
 import os
-import random
-import secrets
-import sys
 import threading
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
 from opentelemetry import trace
-from opentelemetry.context import Context
 from opentelemetry.sdk.environment_variables import (
     OTEL_EXPORTER_OTLP_ENDPOINT,
     OTEL_EXPORTER_OTLP_PROTOCOL,
@@ -46,19 +40,20 @@ from opentelemetry.sdk.environment_variables import (
     OTEL_EXPORTER_OTLP_TRACES_TIMEOUT,
 )
 from opentelemetry.sdk.resources import OTELResourceDetector, Resource
-from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor, TracerProvider, sampling
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
-from opentelemetry.sdk.trace.id_generator import IdGenerator
+from opentelemetry.sdk.trace import TracerProvider, sampling
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 
 from hooktrace._version import __version__
 from hooktrace.distributed import RankChoice
 from hooktrace.errors import HooktraceError
 from hooktrace.export.ids import step_trace_id
+from hooktrace.export.otel_pipeline import BoundedProcessor, CountingExporter, FirstOnly, Ledger, StepIds
+from hooktrace.export.otel_spans import StepSpans
 
 if TYPE_CHECKING:
     from hooktrace._aggregate.snapshot import MetricsSnapshot, RankInfo
     from hooktrace._aggregate.stats import RankStats
-    from hooktrace._aggregate.step_record import ModuleSpan, StepEvent, StepRecord
+    from hooktrace._aggregate.step_record import StepRecord
 
 MAX_QUEUE_SIZE = 8192
 """Spans waiting for the collector: a few sampled steps of a 1000-module model; beyond, drops."""
@@ -69,16 +64,6 @@ EXPORT_TIMEOUT_S = 2.0
 CLOSE_TIMEOUT_S = 3.0
 """``close()`` sends what is queued for at most this long, then gives up (and counts the rest)."""
 TRACES_PATH = "/v1/traces"
-SPAN_EVENTS = ("grad_spike", "nonfinite", "grad_clip", "amp_skip", "hook_error")
-"""Every kind of ``StepEvent``: each becomes a span event named like it."""
-_PHASE_OF = {"forward": "forward", "eval": "eval", "backward": "backward", "recompute": "backward", "input": "forward"}
-"""Module phase -> the step phase its spans and events live under (recompute runs inside backward;
-``input``, a NaN batch, is an event on the root's forward)."""
-
-
-def root_span_id(trace_id: str) -> int:
-    """The span id of ``step {n}``: every rank computes it from the trace id alone."""
-    return int(hashlib.sha256((trace_id + "root").encode()).hexdigest()[:16], 16) or 1
 
 
 def resolve_endpoint(endpoint: str, environ: Mapping[str, str]) -> tuple[str, str]:
@@ -126,129 +111,6 @@ def make_span_exporter(endpoint: str, environ: Mapping[str, str] | None = None) 
     return OTLPSpanExporter(endpoint=url, timeout=timeout)
 
 
-class _StepIds(IdGenerator):
-    """Trace id = the step's; the next span id may be forced (the root). Worker thread only.
-
-    Random span ids come from a private generator seeded by the OS: never the training's RNG."""
-
-    def __init__(self) -> None:
-        self.trace_id = 0
-        self.next_span_id = 0
-        self._rng = random.Random(secrets.randbits(64))
-
-    def generate_trace_id(self) -> int:
-        return self.trace_id or self._rng.getrandbits(128) or 1
-
-    def generate_span_id(self) -> int:
-        forced, self.next_span_id = self.next_span_id, 0
-        return forced or self._rng.getrandbits(64) or 1
-
-
-class _Ledger:
-    """Span counts shared by the worker and the BSP thread (a lock: two writers)."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.accepted = 0
-        self.rejected = 0
-        self.sent = 0
-        self.failed = 0
-        self.closed = False
-
-    def dropped(self) -> int:
-        with self.lock:
-            lost_in_queue = self.accepted - self.sent if self.closed else 0
-            return self.rejected + self.failed + lost_in_queue
-
-
-class _CountingExporter(SpanExporter):
-    """Counts what reaches the collector; fails fast once closing (a down collector costs no time)."""
-
-    def __init__(self, inner: SpanExporter, ledger: _Ledger, endpoint: str) -> None:
-        self.inner = inner
-        self.ledger = ledger
-        self.endpoint = endpoint
-        self.stopped = False
-        self._warned = False
-
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        with self.ledger.lock:
-            self.ledger.sent += len(spans)
-        result = SpanExportResult.FAILURE
-        if not self.stopped:
-            try:
-                result = self.inner.export(spans)
-            except Exception:  # an exporter bug must not kill the BSP thread
-                result = SpanExportResult.FAILURE
-        if result is not SpanExportResult.SUCCESS:
-            with self.ledger.lock:
-                self.ledger.failed += len(spans)
-            if not self._warned and not self.stopped:
-                self._warned = True
-                print(
-                    f"hooktrace: could not send spans to {self.endpoint}; training goes on, spans are "
-                    'dropped and counted (hooktrace_dropped_total{what="spans"})',
-                    file=sys.stderr,
-                )
-        return result
-
-    def stop(self) -> None:
-        """From now on fail every batch at once, and abort the inner exporter's retry waits."""
-        if not self.stopped:
-            self.stopped = True
-            with contextlib.suppress(Exception):  # closing must go on
-                self.inner.shutdown()
-
-    def shutdown(self) -> None:
-        self.stop()
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return True
-
-
-class _BoundedProcessor(SpanProcessor):
-    """A ``BatchSpanProcessor`` that rejects (and counts) spans when its queue is full, instead of
-    evicting queued spans with a log line per span as the SDK does."""
-
-    def __init__(self, inner: SpanProcessor, ledger: _Ledger, max_queue_size: int) -> None:
-        self.inner = inner
-        self.ledger = ledger
-        self.max_queue_size = max_queue_size
-
-    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
-        return None
-
-    def on_end(self, span: ReadableSpan) -> None:
-        ledger = self.ledger
-        with ledger.lock:
-            if ledger.closed or ledger.accepted - ledger.sent >= self.max_queue_size:
-                ledger.rejected += 1
-                return
-            ledger.accepted += 1
-        self.inner.on_end(span)
-
-    def shutdown(self) -> None:
-        self.inner.shutdown()
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return self.inner.force_flush(timeout_millis)
-
-
-class _FirstOnly(logging.Filter):
-    """Lets one record of each message through: a down collector must not flood the training log."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: set[str] = set()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        key = str(record.msg)
-        if key in self.seen:
-            return False
-        self.seen.add(key)
-        return True
-
-
 class OtelExporter:
     """Spans of sampled and event steps to an OTLP collector. Worker thread only (``close`` after it stops).
 
@@ -281,12 +143,13 @@ class OtelExporter:
         self.max_queue_size = max_queue_size
         self.environ = environ
         self._stats = stats
-        self._ledger = _Ledger()
+        self._ledger = Ledger()
         self._provider: TracerProvider | None = None
-        self._ids = _StepIds()
+        self.ids = StepIds()
+        """Trace and span ids of the step being emitted (``StepSpans`` sets them)."""
         self._tracer: trace.Tracer | None = None
-        self._sink: _CountingExporter | None = None
-        self._quiet = _FirstOnly()
+        self._sink: CountingExporter | None = None
+        self._quiet = FirstOnly()
         self._quieted: list[logging.Logger] = []
         if stats is not None:
             stats.dropped["spans"] += 0  # a zero series from the start
@@ -307,7 +170,7 @@ class OtelExporter:
             logger = logging.getLogger(name)
             logger.addFilter(self._quiet)
             self._quieted.append(logger)
-        self._sink = _CountingExporter(inner, self._ledger, self.endpoint or type(inner).__name__)
+        self._sink = CountingExporter(inner, self._ledger, self.endpoint or type(inner).__name__)
         batch = BatchSpanProcessor(
             self._sink,
             max_queue_size=self.max_queue_size,
@@ -319,9 +182,9 @@ class OtelExporter:
             sampler=sampling.ALWAYS_ON,  # hooktrace samples steps itself (--sample-every)
             resource=self.resource(),
             shutdown_on_exit=False,  # close() shuts it down, bounded; no atexit hook of ours
-            id_generator=self._ids,
+            id_generator=self.ids,
         )
-        provider.add_span_processor(_BoundedProcessor(batch, self._ledger, self.max_queue_size))
+        provider.add_span_processor(BoundedProcessor(batch, self._ledger, self.max_queue_size))
         self._tracer = provider.get_tracer("hooktrace", __version__)
         self._provider = provider
 
@@ -359,7 +222,7 @@ class OtelExporter:
         tracer = self._tracer
         if tracer is not None and (step.spans or step.events):
             trace_id = step.trace_id or step_trace_id(self.info.run_id, self.restart_count, step.step)
-            _StepSpans(self, tracer, step, trace_id).emit()
+            StepSpans(self, tracer, step, trace_id).emit()
         self._sync_stats()
 
     def refresh(self, snapshot: MetricsSnapshot) -> None:
@@ -401,158 +264,3 @@ class OtelExporter:
     def _sync_stats(self) -> None:
         if self._stats is not None:
             self._stats.dropped["spans"] = self._ledger.dropped()
-
-
-class _StepSpans:
-    """One step's span tree: made in time order with parents first, events added, then ended."""
-
-    def __init__(self, exporter: OtelExporter, tracer: trace.Tracer, step: StepRecord, trace_id: str) -> None:
-        self.x = exporter
-        self.tracer = tracer
-        self.step = step
-        self.trace_hex = trace_id
-        self.offset = step.wall_start_ns - step.start_ns
-        self.lo = step.start_ns
-        self.hi = max(step.end_ns, step.start_ns)
-        self.open: list[tuple[trace.Span, int]] = []
-        self.by_module: dict[int, list[tuple[int, int, str, trace.Span]]] = {}
-        self.by_name: dict[str, list[tuple[ModuleSpan, trace.Span, int]]] = {}
-
-    def _start(
-        self, name: str, parent: trace.Span | Context, start: int, end: int, attrs: dict[str, Any]
-    ) -> trace.Span:
-        ctx = parent if isinstance(parent, Context) else trace.set_span_in_context(parent, Context())
-        span = self.tracer.start_span(name, context=ctx, start_time=start + self.offset, attributes=attrs)
-        self.open.append((span, end + self.offset))
-        return span
-
-    def emit(self) -> None:
-        x, step = self.x, self.step
-        ids = x._ids
-        trace_hex = self.trace_hex
-        trace_id = int(trace_hex, 16)
-        root_id = root_span_id(trace_hex)
-        ids.trace_id = trace_id
-        base = {"hooktrace.step": step.step}
-        root: trace.Span | None = None
-        if x.info.rank == 0:
-            ids.next_span_id = root_id
-            root = self._start(f"step {step.step}", Context(), self.lo, self.hi, dict(base))
-        if x.traces_this_rank():
-            parent: trace.Span | Context = (
-                root
-                if root is not None
-                else trace.set_span_in_context(
-                    trace.NonRecordingSpan(
-                        trace.SpanContext(
-                            trace_id, root_id, is_remote=True, trace_flags=trace.TraceFlags(trace.TraceFlags.SAMPLED)
-                        )
-                    ),
-                    Context(),
-                )
-            )
-            self._rank_tree(parent, {**base, "hooktrace.rank": x.info.rank})
-        for span, end in reversed(self.open):  # children end first, as they would live
-            span.end(end_time=end)
-        ids.trace_id = 0
-
-    def _rank_tree(self, parent: trace.Span | Context, base: dict[str, Any]) -> None:
-        step = self.step
-        attrs = dict(base)
-        if step.grad_norm is not None and math.isfinite(step.grad_norm):
-            attrs["hooktrace.grad_norm"] = step.grad_norm
-        if not step.sampled:
-            attrs["hooktrace.sampled"] = False  # an event step: no module spans
-        rank_span = self._start(f"rank {self.x.info.rank}", parent, self.lo, self.hi, attrs)
-        phases: list[tuple[str, int, int, trace.Span]] = []
-        for phase, s, e in step.phase_spans:
-            s, e = _clamp(s, e, self.lo, self.hi)
-            if e > s:
-                span = self._start(phase, rank_span, s, e, {**base, "hooktrace.phase": phase})
-                phases.append((phase, s, e, span))
-        parent_of = {m.index: m.parent for m in step.spans}
-        kept = [m for m in step.spans if m.depth <= self.x.depth or self._watched(m.module)]
-        kept.sort(key=lambda m: (m.start_ns, -m.end_ns, m.depth))
-        for m in kept:
-            found = self._module_parent(m, parent_of)
-            if found is None:
-                found = _best_phase(phases, m) or (rank_span, self.lo, self.hi)
-            p_span, p_lo, p_hi = found
-            s, e = _clamp(m.start_ns, m.end_ns, p_lo, p_hi)
-            attrs = {
-                **base,
-                "hooktrace.phase": m.phase,
-                "hooktrace.module": m.module,
-                "hooktrace.module_type": m.module_type,
-            }
-            if m.activation_bytes is not None:  # --memory on: bytes this call saved for backward
-                attrs["hooktrace.activation_bytes"] = m.activation_bytes
-            if m.allocated_delta is not None:  # CUDA: the allocator's allocated bytes after - before
-                attrs["hooktrace.allocated_delta_bytes"] = m.allocated_delta
-            span = self._start(f"{m.phase} {m.module}", p_span, s, e, attrs)
-            self.by_module.setdefault(m.index, []).append((s, e, m.phase, span))
-            self.by_name.setdefault(m.module, []).append((m, span, e))
-            if m.label != m.module:
-                self.by_name.setdefault("label:" + m.label, []).append((m, span, e))
-        by_phase = {phase: (span, e) for phase, _, e, span in phases}  # the last interval of each phase
-        for event in step.events:
-            if event.kind in SPAN_EVENTS:
-                self._event(event, by_phase, rank_span)
-
-    def _watched(self, module: str) -> bool:
-        return any(module == w or module.startswith(w + ".") for w in self.x.watch)
-
-    def _module_parent(self, m: ModuleSpan, parent_of: dict[int, int]) -> tuple[trace.Span, int, int] | None:
-        """The span of the nearest ancestor module, same phase, whose interval holds ``m``'s start."""
-        index, seen = m.parent, 0
-        while index >= 0 and seen < 1000:
-            for s, e, phase, span in reversed(self.by_module.get(index, ())):
-                if phase == m.phase and s <= m.start_ns <= e:
-                    return span, s, e
-            index, seen = parent_of.get(index, -1), seen + 1
-        return None
-
-    def _event(self, event: StepEvent, by_phase: dict[str, tuple[trace.Span, int]], fallback: trace.Span) -> None:
-        module, phase, value, detail = event.module, event.phase, event.value, event.detail
-        candidates = (
-            self.by_name.get(str(detail.get("first_module", "")))
-            or self.by_name.get(module)
-            or self.by_name.get("label:" + module)
-            or []
-        )
-        home = _PHASE_OF.get(phase, phase)
-        own = [c for c in candidates if c[0].phase == home]
-        target, at = fallback, self.hi
-        if own:
-            _, target, at = min(own, key=lambda c: c[0].depth)
-        elif home in by_phase:
-            target, at = by_phase[home]
-        elif candidates:
-            _, target, at = min(candidates, key=lambda c: c[0].depth)
-        attrs: dict[str, Any] = {"hooktrace.module": module, "hooktrace.phase": phase}
-        if value is not None and math.isfinite(value):
-            attrs["hooktrace.value"] = value
-        for key, item in detail.items():
-            if isinstance(item, (str, bool, int, float)):
-                attrs[f"hooktrace.{key}"] = item
-        target.add_event(event.kind, attrs, timestamp=at + self.offset)
-
-
-def _clamp(start: int, end: int, lo: int, hi: int) -> tuple[int, int]:
-    """Keep a child inside its parent: clocks and hooks may disagree by a few microseconds."""
-    s = min(max(start, lo), hi)
-    return s, max(min(end, hi), s)
-
-
-def _best_phase(phases: list[tuple[str, int, int, trace.Span]], m: ModuleSpan) -> tuple[trace.Span, int, int] | None:
-    """The step phase that holds most of a top module span, preferring its own phase."""
-    home = _PHASE_OF.get(m.phase, m.phase)
-    best: tuple[int, int, tuple[trace.Span, int, int]] | None = None
-    for phase, s, e, span in phases:
-        overlap = min(e, m.end_ns) - max(s, m.start_ns)
-        if overlap < 0 or (overlap == 0 and not s <= m.start_ns <= e):
-            continue
-        score = (int(phase == home), overlap)
-        if best is None or score > best[:2]:
-            best = (*score, (span, s, e))
-    return best[2] if best is not None else None

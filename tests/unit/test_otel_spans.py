@@ -28,7 +28,8 @@ from hooktrace._aggregate.stats import RankStats
 from hooktrace._aggregate.step_record import StepEvent, StepRecord
 from hooktrace.errors import ConfigError, HooktraceError
 from hooktrace.export import otel
-from hooktrace.export.otel import OtelExporter, resolve_endpoint, root_span_id
+from hooktrace.export.otel import OtelExporter, resolve_endpoint
+from hooktrace.export.otel_spans import root_span_id
 from tests.conftest import RecordCapture
 
 NOWHERE = "http://127.0.0.1:9"
