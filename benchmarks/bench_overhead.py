@@ -14,9 +14,9 @@ interval for that median:
 - ``control: 2nd bare copy`` (``--control``): what the benchmark reports for no overhead.
 
 For each hooktrace mode it also prints what the agent reports about itself (``overhead_ratio``
-of summary.json: its time on the training thread, its worker's CPU time and PyTorch's cost of
-calling its hooks, over its step time), over the same steps, turned into the same unit as the
-measured figure (``r / (1 - r)`` over bare), and the ratio of the two: 1.00x = the agent's own
+of summary.json: its time on the training thread, its worker's CPU time while training stood
+still and PyTorch's cost of calling its hooks, over its step time), over the same steps, turned
+into the same unit as the measured figure (``r / (1 - r)`` over bare), and the ratio of the two: 1.00x = the agent's own
 figure is what the clock says.
 
 Why it is built this way (the machine is a noisy, shared 2-core VM; one block's time moves by a

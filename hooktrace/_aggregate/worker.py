@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from hooktrace._aggregate.process import StepProcessor
+from hooktrace._aggregate.stall import StallMeter
 from hooktrace._aggregate.stats import RankStats
 from hooktrace._aggregate.step_record import StepRecord
 from hooktrace._record.buffer import StepBuffer
@@ -70,8 +71,10 @@ class Worker:
         self._tasks: deque[Callable[[], None]] = deque()
         self.dropped_steps = 0
         self._cpu_ns = 0
-        """The worker's own CPU time not yet charged to a step: it competes with training for the
-        GIL and the cores, so the overhead the agent reports includes it."""
+        """The worker's CPU time not yet charged to a step, counted while training stood still
+        (``StallMeter``): it competes with training for the GIL, so the reported overhead has it."""
+        self.stall = StallMeter()
+        """Set to the training thread by the agent (``watch``); until then all CPU time counts."""
         self.first_error: str | None = None
         self.started = False
         for exporter in exporters:
@@ -100,7 +103,8 @@ class Worker:
         while True:
             self._wake.wait(POLL_INTERVAL_S)
             self._wake.clear()
-            cpu_start = time.thread_time_ns()
+            stall = self.stall
+            stall.begin()
             while self._tasks:
                 try:
                     self._tasks.popleft()()
@@ -112,7 +116,9 @@ class Worker:
                 self._handle(self._queue.popleft())
                 self._processed += 1
                 if time.perf_counter() >= yield_at:
+                    self._cpu_ns += stall.end()
                     time.sleep(0)  # let the training thread take the GIL
+                    stall.begin()
                     yield_at = time.perf_counter() + YIELD_AFTER_S
             now = time.monotonic()
             urgent = self._urgent.is_set()
@@ -126,7 +132,7 @@ class Worker:
                 if urgent:
                     self._urgent.clear()
                     self._urgent_done.set()
-            self._cpu_ns += time.thread_time_ns() - cpu_start
+            self._cpu_ns += stall.end()
             if self._stop.is_set() and not self._queue:
                 return
 

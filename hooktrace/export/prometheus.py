@@ -107,8 +107,12 @@ _COUNTERS: _Table = (
      "amp_skipped_steps_total"),
     ("hooktrace_dropped", "Data dropped instead of blocking training.", ("what",), "dropped"),
     ("hooktrace_hook_errors", "Exceptions caught inside hooktrace hooks.", (), "hook_errors_total"),
-    ("hooktrace_overhead_seconds", "Time hooktrace costs training: its hooks, their dispatch, the worker's CPU.", (),
-     "overhead_seconds_total"),
+    (
+        "hooktrace_overhead_seconds",
+        "Time hooktrace costs training: its hooks, their dispatch, the worker's CPU while training waited.",
+        (),
+        "overhead_seconds_total",
+    ),
     ("hooktrace_export_errors", "Exporter calls that raised and were caught.", ("exporter",),
      "export_errors"),
 )  # fmt: skip
