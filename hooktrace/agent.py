@@ -458,7 +458,6 @@ class Agent:
         self.gradients.on_backward_end(buf, optimizer, name)
 
     def _on_step(self, buf: StepBuffer) -> None:
-        self.worker.stall.watch(threading.get_ident())  # the worker's cost is what this thread waits
         memory = self.recorder.memory
         if memory is not None and memory.cuda is not None:
             try:

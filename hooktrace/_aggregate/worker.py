@@ -74,7 +74,7 @@ class Worker:
         """The worker's CPU time not yet charged to a step, counted while training stood still
         (``StallMeter``): it competes with training for the GIL, so the reported overhead has it."""
         self.stall = StallMeter()
-        """Set to the training thread by the agent (``watch``); until then all CPU time counts."""
+        """Follows the thread that submits steps (training); until the first step all CPU time counts."""
         self.first_error: str | None = None
         self.started = False
         for exporter in exporters:
@@ -91,6 +91,7 @@ class Worker:
         The worker polls every ``POLL_INTERVAL_S`` and drains in a burst, so training and worker
         do not trade the GIL at every step. Beyond ``queue_size`` pending steps, steps are dropped.
         """
+        self.stall.watch(threading.get_ident())  # the thread that trains: what the worker costs is its wait
         if len(self._queue) >= self._queue_size:
             self.dropped_steps += 1
             return
