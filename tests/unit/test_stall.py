@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -75,8 +76,12 @@ def one_thread() -> object:
 def test_worker_time_beside_kernels_costs_little_and_time_training_waits_for_costs_all() -> None:
     beside = _charged_share(_kernels)
     blocking = _charged_share(_python)
-    assert beside < 0.5, f"training ran its kernels meanwhile, yet {beside:.0%} of the worker's time was charged"
     assert blocking > 0.7, f"training waited for the GIL, yet only {blocking:.0%} of the worker's time was charged"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if cores >= 2:
+        assert beside < 0.5, f"training ran its kernels meanwhile, yet {beside:.0%} of the worker's time was charged"
+    else:  # one core: the worker's time is taken from training's kernels, and counts
+        assert beside > 0.7, f"the worker took the only core, yet only {beside:.0%} of its time was charged"
 
 
 def test_without_the_training_threads_clock_the_whole_cpu_time_counts() -> None:
