@@ -91,7 +91,7 @@ class Worker:
         The worker polls every ``POLL_INTERVAL_S`` and drains in a burst, so training and worker
         do not trade the GIL at every step. Beyond ``queue_size`` pending steps, steps are dropped.
         """
-        self.stall.watch(threading.get_ident())  # the thread that trains: what the worker costs is its wait
+        self.stall.watch(threading.get_ident(), threading.get_native_id())  # the thread that trains
         if len(self._queue) >= self._queue_size:
             self.dropped_steps += 1
             return

@@ -1,8 +1,8 @@
 """Gradient norms as backward produced them: one ``_foreach_norm``, one copy, per reading.
 
 The training thread launches the norm kernels and a non-blocking device-to-host copy; the worker
-reads the host tensor after the copy's event completed (a step later at worst). On CPU the norms
-are simply a tensor. No ``.item()``, no sync.
+reads the host tensor after the copy's event completed (a step later at worst): no sync on CUDA.
+On CPU the norms are read as floats right away (nothing to wait for).
 """
 
 from __future__ import annotations
@@ -142,8 +142,9 @@ class GradNormCapture:
     def capture(self, positions: list[int] | None = None) -> NormCapture | None:
         """Norms of the gradients present now, of every parameter or of ``positions`` only.
 
-        Training thread: a handful of Python operations per parameter, one ``_foreach_norm`` and
-        one ``stack``; then ``tolist`` on CPU, a non-blocking copy to pinned memory on CUDA.
+        Training thread: one ``_foreach_norm``; then ``item`` of each norm on CPU, or one ``stack``
+        and a non-blocking copy to pinned memory on CUDA. The capture's positions may be a list
+        shared between captures: nobody modifies them.
         """
         if self._table_size != len(self.table.infos):
             self.params()  # modules were added

@@ -134,9 +134,11 @@ def test_sigterm_flushes_files_and_prints_the_summary(tmp_path: Path) -> None:
     # a SIGTERM that lands before the step's optimizer step leaves that step partial: its line is
     # written and says so, and it is not counted as a step
     assert not any(s.get("partial") for s in steps[:-1])
-    complete = len(steps) - bool(steps[-1].get("partial"))
+    partial = bool(steps[-1].get("partial"))
     read_trace(out)  # closed, valid JSON
-    assert json.loads((out / "summary.json").read_text())["steps"] == complete
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == len(steps) - partial
+    assert summary["ranks"][0]["partial_steps"] == partial
 
 
 @pytest.mark.parametrize(

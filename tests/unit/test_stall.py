@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,13 @@ from hooktrace._aggregate.stall import StallMeter
 
 CHUNKS = 20
 CHUNK_NS = 1_000_000
+TRIES = 3
+"""Kernels beside the worker: a training thread that loses its core to another process of a busy
+machine stands still too (and is charged); one try out of three on a free core is enough."""
+
+needs_thread_clocks = pytest.mark.skipif(
+    not hasattr(time, "pthread_getcpuclockid"), reason="another thread's CPU clock cannot be read here"
+)
 
 
 def _python_work(ns: int) -> None:
@@ -24,11 +32,11 @@ def _python_work(ns: int) -> None:
         x += 1
 
 
-def _charged_share(training: Callable[[threading.Event], None]) -> float:
+def _charged_share(training: Callable[[threading.Event], None], chunk_ns: int = CHUNK_NS) -> float:
     """Run ``training`` on this (the main) thread while a worker thread does ``CHUNKS`` stretches of
     Python work measured by a ``StallMeter`` watching this thread; the charged share of its CPU."""
     meter = StallMeter()
-    meter.watch(threading.get_ident())
+    meter.watch(threading.get_ident(), threading.get_native_id())
     done = threading.Event()
     totals = [0, 0]
 
@@ -37,7 +45,7 @@ def _charged_share(training: Callable[[threading.Event], None]) -> float:
         for _ in range(CHUNKS):
             start = time.thread_time_ns()
             meter.begin()
-            _python_work(CHUNK_NS)
+            _python_work(chunk_ns)
             totals[0] += meter.end()
             totals[1] += time.thread_time_ns() - start
             time.sleep(0.002)
@@ -64,24 +72,42 @@ def _python(done: threading.Event) -> None:
         _python_work(100_000)
 
 
+def _usable_cores() -> int:
+    """CPUs this process may run on at once: its affinity, capped by a cgroup (v2) CPU quota."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cores = min(cores, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return cores
+
+
 @pytest.fixture
-def one_thread() -> object:
+def one_thread() -> Iterator[None]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
 
 
+@needs_thread_clocks
 @pytest.mark.usefixtures("one_thread")
-def test_worker_time_beside_kernels_costs_little_and_time_training_waits_for_costs_all() -> None:
-    beside = _charged_share(_kernels)
-    blocking = _charged_share(_python)
-    assert blocking > 0.7, f"training waited for the GIL, yet only {blocking:.0%} of the worker's time was charged"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if cores >= 2:
-        assert beside < 0.5, f"training ran its kernels meanwhile, yet {beside:.0%} of the worker's time was charged"
+def test_worker_time_training_waits_for_counts_whole_even_in_long_stretches() -> None:
+    for chunk_ns in (CHUNK_NS, 20 * CHUNK_NS):  # 20 ms: longer than the GIL's switch interval (turns)
+        blocking = _charged_share(_python, chunk_ns)
+        assert blocking > 0.7, f"training waited for the GIL, yet only {blocking:.0%} of the worker's time counted"
+
+
+@needs_thread_clocks
+@pytest.mark.usefixtures("one_thread")
+def test_worker_time_beside_long_kernels_costs_little_on_a_free_core() -> None:
+    beside = min(_charged_share(_kernels) for _ in range(TRIES))
+    if _usable_cores() >= 2:
+        assert beside < 0.5, f"training ran its kernels meanwhile, yet {beside:.0%} of the worker's time counted"
     else:  # one core: the worker's time is taken from training's kernels, and counts
-        assert beside > 0.7, f"the worker took the only core, yet only {beside:.0%} of its time was charged"
+        assert beside > 0.7, f"the worker took the only core, yet only {beside:.0%} of its time counted"
 
 
 def test_without_the_training_threads_clock_the_whole_cpu_time_counts() -> None:
@@ -93,11 +119,12 @@ def test_without_the_training_threads_clock_the_whole_cpu_time_counts() -> None:
 
 def test_a_training_thread_that_ended_makes_the_whole_cpu_time_count() -> None:
     meter = StallMeter()
-    thread = threading.Thread(target=lambda: None)
+    release = threading.Event()
+    thread = threading.Thread(target=release.wait)
     thread.start()
-    ident = thread.ident
-    assert ident is not None
-    meter.watch(ident)
+    assert thread.ident is not None and thread.native_id is not None
+    meter.watch(thread.ident, thread.native_id)  # while it lives, as Worker.submit does
+    release.set()
     thread.join()
     meter.begin()
     _python_work(CHUNK_NS)
