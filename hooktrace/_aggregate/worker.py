@@ -2,15 +2,18 @@
 
 Threading contract: the training thread calls :meth:`submit` (a bounded append that never
 blocks; a full queue drops the step and counts it). Everything else here runs on the worker thread,
-except :meth:`close`, which asks the worker to drain within a deadline and then stops it.
+except :meth:`close`, which asks the worker to drain within a deadline and then stops it, and
+:meth:`halt`, which the interpreter's exit calls for a worker nobody closed.
 """
 
 from __future__ import annotations
 
+import atexit
 import math
 import sys
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from typing import TypeVar
@@ -41,6 +44,23 @@ CHECKPOINT_INTERVAL_S = 10.0
 """summary.json is rewritten this often while the run goes on, so a killed run leaves one."""
 
 
+HALT_TIMEOUT_S = 2.0
+"""At interpreter exit, how long a worker nobody closed may take to finish the step in hand."""
+
+_RUNNING: weakref.WeakSet[Worker] = weakref.WeakSet()
+
+
+def _halt_running() -> None:
+    """``atexit``: stop every worker nobody closed, before the interpreter finalizes. A daemon
+    thread still inside a torch operation then (the worker reads norms, measures the saved-tensor
+    cost) is killed in C++ code, which aborts the process: exit code 134 instead of the script's."""
+    for worker in list(_RUNNING):
+        worker.halt(HALT_TIMEOUT_S)
+
+
+atexit.register(_halt_running)
+
+
 class Worker:
     """One daemon thread per agent."""
 
@@ -64,6 +84,8 @@ class Worker:
         self._on_record = on_record
         self._thread = threading.Thread(target=self._run, name="hooktrace-worker", daemon=True)
         self._stop = threading.Event()
+        self._halting = False
+        """Set at interpreter exit: finish the step in hand, then stop (no draining, no export)."""
         self._wake = threading.Event()
         self._urgent = threading.Event()
         self._urgent_done = threading.Event()
@@ -84,6 +106,7 @@ class Worker:
         if not self.started:
             self.started = True
             self._thread.start()
+            _RUNNING.add(self)
 
     def submit(self, buf: StepBuffer) -> None:
         """Training thread: hand over a finished step. One append; never blocks, never wakes.
@@ -104,6 +127,8 @@ class Worker:
         while True:
             self._wake.wait(POLL_INTERVAL_S)
             self._wake.clear()
+            if self._halting:
+                return
             stall = self.stall
             stall.begin()
             while self._tasks:
@@ -114,6 +139,8 @@ class Worker:
             drained = bool(self._queue)
             yield_at = time.perf_counter() + YIELD_AFTER_S
             while self._queue:
+                if self._halting:
+                    return
                 self._handle(self._queue.popleft())
                 self._processed += 1
                 if time.perf_counter() >= yield_at:
@@ -234,8 +261,21 @@ class Worker:
             time.sleep(0.01)
         return True
 
+    def halt(self, timeout: float) -> None:
+        """Interpreter exit, for a worker nobody closed: let it finish the step in hand and stop
+        (waiting at most ``timeout``), then flush the files it wrote so far. Any thread."""
+        _RUNNING.discard(self)
+        if not self.started or not self._thread.is_alive() or threading.current_thread() is self._thread:
+            return
+        self._halting = True
+        self._wake.set()
+        self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self._flush()
+
     def close(self, timeout: float = 10.0) -> None:
         """Drain (bounded), stop the thread, flush and close exporters."""
+        _RUNNING.discard(self)
         if self.started:
             self.wait_idle(timeout)
             self._stop.set()

@@ -434,3 +434,38 @@ def test_a_full_step_queue_drops_and_counts_steps_without_blocking_training(tmp_
     dropped = summary.ranks[0]["dropped"]["steps"]
     assert dropped >= 10
     assert len(read_steps(tmp_path)) == 20 - dropped
+
+
+EXIT_WHILE_BUSY = """
+import sys, time, torch
+from torch import nn
+import hooktrace
+import hooktrace._record.dispatch as dispatch
+dispatch.PROBE_CALLS = 4000  # the worker's first poll measures the saved-tensor cost: ~0.3 s of torch ops
+model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1))
+opt = torch.optim.SGD(model.parameters(), lr=0.01)
+hooktrace.attach(model, out=sys.argv[1], metrics_port=0, print_summary=False)
+for _ in range(3):
+    opt.zero_grad()
+    model(torch.randn(4, 8)).sum().backward()
+    opt.step()
+model(torch.randn(4, 8))  # closes step 3
+time.sleep(0.3)  # the worker is inside torch operations now; the script ends without close()
+"""
+
+
+def test_a_script_that_ends_without_close_while_the_worker_is_busy_keeps_its_exit_code(tmp_path: Path) -> None:
+    """A daemon thread killed inside a torch operation at interpreter exit aborts the process (exit
+    code 134, "terminate called without an active exception"): the worker is halted at exit first."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "ends.py"
+    script.write_text(EXIT_WHILE_BUSY)
+    for _ in range(2):
+        done = subprocess.run(
+            [sys.executable, str(script), str(tmp_path / "out")], capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "terminate called" not in done.stderr
+    assert read_steps(tmp_path / "out")  # the lines written so far were flushed
