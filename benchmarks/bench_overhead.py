@@ -232,7 +232,10 @@ def measure(name: str, rounds: int, steps: int | None, control: bool) -> Result:
             if not mode.profiled:
                 _run(mode.step, WARMUP_STEPS)  # allocator, kernels; an agent's step 1 and worker start
                 mode.steps_run += WARMUP_STEPS
-        step_s = _run(bare_step, WARMUP_STEPS) / WARMUP_STEPS
+        # the agents' workers are still busy with their warm-up steps (step 1, the memory probe):
+        # settled first, or the bare step reads slow and the blocks come out too short
+        _settle(agents)
+        step_s = min(_run(bare_step, WARMUP_STEPS) / WARMUP_STEPS for _ in range(3))
         steps = steps or block_steps(step_s)
         rng = random.Random(0)
         _settle(agents)
