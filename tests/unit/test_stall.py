@@ -32,9 +32,10 @@ def _python_work(ns: int) -> None:
         x += 1
 
 
-def _charged_share(training: Callable[[threading.Event], None], chunk_ns: int = CHUNK_NS) -> float:
+def _charged_share(training: Callable[[threading.Event], None], chunk_ns: int = CHUNK_NS) -> tuple[float, float]:
     """Run ``training`` on this (the main) thread while a worker thread does ``CHUNKS`` stretches of
-    Python work measured by a ``StallMeter`` watching this thread; the charged share of its CPU."""
+    Python work measured by a ``StallMeter`` watching this thread: the charged share of the worker's
+    CPU time, and the share of a core training got meanwhile (its CPU time over the wall time)."""
     meter = StallMeter()
     meter.watch(threading.get_ident(), threading.get_native_id())
     done = threading.Event()
@@ -52,10 +53,12 @@ def _charged_share(training: Callable[[threading.Event], None], chunk_ns: int = 
         done.set()
 
     thread = threading.Thread(target=worker)
+    cpu, wall = time.thread_time_ns(), time.perf_counter_ns()
     thread.start()
     training(done)
     thread.join()
-    return totals[0] / totals[1]
+    got = (time.thread_time_ns() - cpu) / (time.perf_counter_ns() - wall)
+    return totals[0] / totals[1], got
 
 
 def _kernels(done: threading.Event) -> None:
@@ -96,18 +99,23 @@ def one_thread() -> Iterator[None]:
 @pytest.mark.usefixtures("one_thread")
 def test_worker_time_training_waits_for_counts_whole_even_in_long_stretches() -> None:
     for chunk_ns in (CHUNK_NS, 20 * CHUNK_NS):  # 20 ms: longer than the GIL's switch interval (turns)
-        blocking = _charged_share(_python, chunk_ns)
+        blocking, _ = _charged_share(_python, chunk_ns)
         assert blocking > 0.7, f"training waited for the GIL, yet only {blocking:.0%} of the worker's time counted"
 
 
 @needs_thread_clocks
 @pytest.mark.usefixtures("one_thread")
 def test_worker_time_beside_long_kernels_costs_little_on_a_free_core() -> None:
-    beside = min(_charged_share(_kernels) for _ in range(TRIES))
-    if _usable_cores() >= 2:
-        assert beside < 0.5, f"training ran its kernels meanwhile, yet {beside:.0%} of the worker's time counted"
-    else:  # one core: the worker's time is taken from training's kernels, and counts
+    if _usable_cores() < 2:  # one core: the worker's time is taken from training's kernels, and counts
+        beside, _ = _charged_share(_kernels)
         assert beside > 0.7, f"the worker took the only core, yet only {beside:.0%} of its time counted"
+        return
+    tries = [_charged_share(_kernels) for _ in range(TRIES)]
+    beside = min(charged for charged, _ in tries)
+    most = max(got for _, got in tries)
+    if most < 0.9:  # other processes took the second core from training
+        pytest.skip(f"no free core for training on this machine now (it got {most:.0%} of one)")
+    assert beside < 0.5, f"training ran its kernels meanwhile, yet {beside:.0%} of the worker's time counted"
 
 
 def test_without_the_training_threads_clock_the_whole_cpu_time_counts() -> None:
