@@ -7,9 +7,16 @@ import os
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    import hooktrace
+    from hooktrace._aggregate.step_record import StepRecord
 
 
 @pytest.fixture(autouse=True)
@@ -45,6 +52,44 @@ class RecordCapture:
     def flush(self) -> None: ...
 
     def close(self) -> None: ...
+
+
+def step_record(step: int = 1, **fields: Any) -> StepRecord:
+    """A ``StepRecord`` for exporter and stats tests: a one-microbatch, one-update unsampled step
+    of 1 ns unless ``fields`` say otherwise."""
+    from hooktrace._aggregate.step_record import StepRecord
+
+    base: dict[str, Any] = {
+        "rank": 0,
+        "sampled": False,
+        "start_ns": 0,
+        "end_ns": 1,
+        "wall_start_ns": 0,
+        "phases": {},
+        "phase_spans": [],
+        "micro_batches": 1,
+        "optimizer_steps": 1,
+    }
+    return StepRecord(step=step, **{**base, **fields})
+
+
+def train(
+    model: nn.Module, batch: Callable[[], torch.Tensor], steps: int, out: Path, **options: object
+) -> hooktrace.Agent:
+    """Attach an agent (no /metrics port), run ``steps`` SGD steps on ``model(batch())``'s mean
+    square, close the agent and return it."""
+    import torch
+
+    import hooktrace
+
+    agent = hooktrace.attach(model, out=str(out), metrics_port=0, **options)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for _ in range(steps):
+        opt.zero_grad()
+        model(batch()).pow(2).mean().backward()
+        opt.step()
+    agent.close()
+    return agent
 
 
 def read_steps(out: Path, rank: int = 0) -> list[dict[str, Any]]:

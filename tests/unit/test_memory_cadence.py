@@ -9,21 +9,14 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-import hooktrace
 from hooktrace.cli.main import cli
 from hooktrace.errors import ConfigError
-from tests.conftest import read_steps
+from tests.conftest import read_steps, train
 
 
 def _measured_steps(tmp_path: Path, steps: int, **options: object) -> list[int]:
     model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 1))
-    agent = hooktrace.attach(model, out=str(tmp_path), metrics_port=0, **options)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    for _ in range(steps):
-        opt.zero_grad()
-        model(torch.randn(4, 8)).pow(2).mean().backward()
-        opt.step()
-    agent.close()
+    train(model, lambda: torch.randn(4, 8), steps, tmp_path, **options)
     return [r["step"] for r in read_steps(tmp_path) if r.get("activation_bytes")]
 
 

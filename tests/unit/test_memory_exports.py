@@ -22,7 +22,7 @@ from hooktrace._record.module_table import ModuleTable
 from hooktrace.export.otel import OtelExporter
 from hooktrace.export.prometheus import HooktraceCollector
 from hooktrace.summary import RunSummary
-from tests.conftest import read_steps
+from tests.conftest import read_steps, step_record
 
 KIB, MIB = 1024, 1024 * 1024
 
@@ -259,21 +259,7 @@ def test_the_summary_names_the_largest_activations_and_says_cpu_measures_only_th
 
 
 def _record(step: int, activations: int | None, cuda: dict[str, tuple[int, int]], **fields: Any) -> StepRecord:
-    return StepRecord(
-        step=step,
-        rank=0,
-        sampled=activations is not None,
-        start_ns=0,
-        end_ns=1,
-        wall_start_ns=0,
-        phases={},
-        phase_spans=[],
-        micro_batches=1,
-        optimizer_steps=1,
-        activation_bytes=activations,
-        cuda_memory=cuda,
-        **fields,
-    )
+    return step_record(step, sampled=activations is not None, activation_bytes=activations, cuda_memory=cuda, **fields)
 
 
 def test_memory_stats_keep_the_last_sampled_step_for_the_gauges() -> None:

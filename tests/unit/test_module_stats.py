@@ -18,6 +18,7 @@ from hooktrace._aggregate.step_record import ModuleSpan, StepRecord
 from hooktrace.cli.top import Scrape, Target, build_view, parse_exposition
 from hooktrace.export.prometheus import HooktraceCollector
 from hooktrace.summary import RunSummary, merge_summaries
+from tests.conftest import train
 
 INFO = RankInfo("run-1", 0, 0, 1, "node", "0.1.0", "2.13.0", "cpu")
 MS = 1_000_000
@@ -258,15 +259,7 @@ class TinyGPT(nn.Module):
 
 def _train_tiny_gpt(tmp_path: Path, depth: int, steps: int = 3) -> hooktrace.Agent:
     torch.manual_seed(0)
-    model = TinyGPT()
-    agent = hooktrace.attach(model, out=str(tmp_path), metrics_port=0, sample_every=1, depth=depth)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    for _ in range(steps):
-        opt.zero_grad()
-        model(torch.randn(8, 16)).pow(2).mean().backward()
-        opt.step()
-    agent.close()
-    return agent
+    return train(TinyGPT(), lambda: torch.randn(8, 16), steps, tmp_path, sample_every=1, depth=depth)
 
 
 def test_a_real_model_cut_at_depth_3_exposes_each_mlp_as_the_mlp_itself(tmp_path: Path) -> None:

@@ -4,22 +4,11 @@ from __future__ import annotations
 
 from hooktrace._aggregate.step_record import StepEvent, StepRecord
 from hooktrace.health.reporting import CAPPED, SpikeReporter
+from tests.conftest import step_record
 
 
 def _record(step: int, *events: StepEvent, rank: int = 0) -> StepRecord:
-    return StepRecord(
-        step=step,
-        rank=rank,
-        sampled=False,
-        start_ns=0,
-        end_ns=1,
-        wall_start_ns=0,
-        phases={},
-        phase_spans=[],
-        micro_batches=1,
-        optimizer_steps=1,
-        events=list(events),
-    )
+    return step_record(step, rank=rank, events=list(events))
 
 
 def _spike(module: str, ratio: float = 12.0, value: float = 0.5) -> StepEvent:

@@ -8,20 +8,14 @@ from pathlib import Path
 
 from hooktrace._aggregate.step_record import StepEvent, StepRecord
 from hooktrace.export.jsonl import StepsJsonlExporter
+from tests.conftest import step_record
 
 
 def _record(step: int, forward_s: float, norm: float) -> StepRecord:
-    return StepRecord(
-        step=step,
-        rank=0,
-        sampled=False,
-        start_ns=0,
+    return step_record(
+        step,
         end_ns=1_000_000,
-        wall_start_ns=0,
         phases={"forward": forward_s, "backward": 0.0005},
-        phase_spans=[],
-        micro_batches=1,
-        optimizer_steps=1,
         module_grad_norms={"body": norm},
         events=[StepEvent("grad_spike", "body", "backward", norm, {"ratio": 3.0})],
     )
